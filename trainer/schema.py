@@ -1,0 +1,31 @@
+"""The facts every part of the project agrees on: the TFRecord schema, image size, class names
+and the names of the exported signatures. One place for each fact."""
+
+from __future__ import annotations
+
+IMAGE_SIZE: tuple[int, int] = (192, 192)
+CHANNELS = 3
+
+#: The flowers dataset's classes, in label order (the lab's ``CLASSES``).
+CLASSES: tuple[str, ...] = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
+
+# TFRecord feature keys, exactly as in gs://asl-public/data/flowers-xai/*.tfrec.
+FEATURE_IMAGE = "image"  # JPEG bytes
+FEATURE_CLASS = "class"  # int64 label index
+FEATURE_ONE_HOT = "one_hot_class"  # float list, len == number of classes
+# Written by our synthetic generator only: a PNG of the ground-truth object mask.
+FEATURE_MASK = "mask"
+
+# SavedModel signatures (the lab's names; Vertex's explanation service looks for the xai_* ones).
+SERVING_SIGNATURE = "serving_default"
+XAI_PREPROCESS_SIGNATURE = "xai_preprocess"
+XAI_MODEL_SIGNATURE = "xai_model"
+#: Name of the float image tensor between xai_preprocess and xai_model.
+CONCRETE_INPUT = "numpy_inputs"
+#: Name of the serving signature's input (image bytes) and output (probabilities).
+SERVING_INPUT = "bytes_inputs"
+SERVING_OUTPUT = "probabilities"
+
+# Files written beside an exported model.
+LABELS_FILE = "labels.txt"
+EXPLANATION_METADATA_FILE = "explanation_metadata.json"
