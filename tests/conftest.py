@@ -34,3 +34,43 @@ def exported_model_dir(tmp_path_factory) -> str:
     export_dir = str(tmp_path_factory.mktemp("export") / "model")
     export_model(_tiny_cnn(), export_dir, CLASSES, verbose=False)
     return export_dir
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> dict:
+    """A small synthetic flowers dataset (lab schema + masks): train/ and validation/ globs."""
+    from trainer.synthetic import write_dataset
+
+    return write_dataset(str(tmp_path_factory.mktemp("data")), num_train=250, num_eval=60, seed=42, num_shards=2)
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory) -> str:
+    """The offline MobileNetV2-style backbone in TF Hub format, briefly pre-trained."""
+    from trainer.backbone import build_local_backbone
+
+    return build_local_backbone(str(tmp_path_factory.mktemp("backbone") / "hub"), num_images=400, epochs=4,
+                                verbose=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_data, backbone_dir) -> tuple[str, dict]:
+    """A classifier trained on ``sample_data`` (cached features): (run dir, metrics)."""
+    from trainer.train import train_and_evaluate
+
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    metrics = train_and_evaluate(train_data_path=sample_data["train_pattern"],
+                                 eval_data_path=sample_data["eval_pattern"], output_dir=run_dir,
+                                 hub_handle=backbone_dir, batch_size=16, num_epochs=15, seed=42, verbose=0)
+    return run_dir, metrics
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(trained_run) -> str:
+    """The trained classifier exported with its three signatures, labels and metadata."""
+    from trainer.export import export_keras_model
+
+    run_dir, _ = trained_run
+    export_dir = f"{run_dir}/model"
+    export_keras_model(f"{run_dir}/keras_model", export_dir, verbose=False)
+    return export_dir

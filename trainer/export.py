@@ -146,3 +146,39 @@ def export_model(model: tf.keras.Model, export_dir: str, labels: Sequence[str],
     with tf.io.gfile.GFile(posixpath.join(export_dir, EXPLANATION_METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
     return metadata
+
+
+def load_keras_model(keras_model_dir: str) -> tf.keras.Model:
+    """Load the trainer's tf_keras SavedModel; ``hub.KerasLayer`` is revived from the saved graph."""
+    import tensorflow_hub as hub
+    import tf_keras as keras
+
+    if not tf.io.gfile.exists(keras_model_dir):
+        raise ExportError(f"{keras_model_dir}: no trained model there (run trainer.train first)")
+    return keras.models.load_model(keras_model_dir, custom_objects={"KerasLayer": hub.KerasLayer}, compile=False)
+
+
+def export_keras_model(keras_model_dir: str, export_dir: str, labels: Sequence[str] | str | None = None,
+                       visualization: dict[str, Any] | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Export a model saved by ``trainer.train`` (its ``keras_model/``) with the three signatures.
+
+    ``labels`` default to the ``labels.json`` the trainer wrote beside ``keras_model/``.
+    """
+    if labels is None:
+        labels_json = posixpath.join(posixpath.dirname(keras_model_dir.rstrip("/")), "labels.json")
+        if not tf.io.gfile.exists(labels_json):
+            raise ExportError(f"{labels_json}: no labels found; pass labels explicitly")
+        with tf.io.gfile.GFile(labels_json) as f:
+            labels = json.load(f)
+    elif isinstance(labels, str):
+        labels = [c.strip() for c in labels.split(",") if c.strip()]
+    model = load_keras_model(keras_model_dir)
+    size = tuple(int(d) for d in model.input_shape[1:3])
+    return export_model(model, export_dir, list(labels), image_size=size, visualization=visualization,
+                        verbose=verbose)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(export_keras_model, serialize=lambda metadata: json.dumps(metadata, indent=2))

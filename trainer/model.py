@@ -54,13 +54,19 @@ def set_fine_tune_layers(extractor: hub.KerasLayer, fine_tune_layers: int) -> in
         extractor.trainable = False
         return 0
     extractor.trainable = True
+    module = getattr(extractor, "_func", None)  # the loaded module: its variables are in layer order
+    ordered = list(getattr(module, "variables", None) or extractor.variables)
     groups: dict[str, list[tf.Variable]] = {}
-    for var in extractor.variables:
+    for var in ordered:
         groups.setdefault(var.name.rsplit("/", 1)[0], []).append(var)
-    keep = set(list(groups)[-fine_tune_layers:])
-    trainable = [v for g in keep for v in groups[g] if "moving_" not in v.name]
-    # hub.KerasLayer tracks trainable weights through the module; restrict them explicitly.
-    extractor._trainable_weights = trainable  # noqa: SLF001  (KerasLayer has no public setter)
+    keep = list(groups)[-fine_tune_layers:]
+    trainable = [v for g in keep for v in groups[g] if v.trainable and "moving_" not in v.name]
+    trainable_ids = {id(v) for v in trainable}
+    # hub.KerasLayer registers the module's variables once, in __init__, as trainable or not;
+    # it has no public way to unfreeze only some, so re-split its two weight lists. (Plain
+    # object.__setattr__: Keras' own __setattr__ would re-track every variable as trainable.)
+    object.__setattr__(extractor, "_trainable_weights", trainable)
+    object.__setattr__(extractor, "_non_trainable_weights", [v for v in ordered if id(v) not in trainable_ids])
     return len(trainable)
 
 

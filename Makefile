@@ -1,0 +1,68 @@
+# Explainable flowers classifier: `make help` lists every target.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3.11
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+RUN         := PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY)
+CONFIG      ?= configs/local.yaml
+
+DATA_DIR    ?= data/sample
+BACKBONE    ?= models/backbone
+RUN_DIR     ?= runs/demo
+EXPORT_DIR  ?= $(RUN_DIR)/model
+NUM_TRAIN   ?= 600
+NUM_EVAL    ?= 150
+EPOCHS      ?= 15
+
+help: ## List every target with what it does
+	@grep -hE '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.lock
+	@command -v $(PYTHON_BOOT) >/dev/null || { echo "Python 3.11 is required ($(PYTHON_BOOT) not found)"; exit 1; }
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.lock
+	touch $@
+
+venv: $(VENV)/.installed ## Create .venv and install the pinned requirements (requirements.lock)
+
+lock: ## Re-resolve requirements.in into requirements.lock (needs the network)
+	rm -rf /tmp/lock-venv && $(PYTHON_BOOT) -m venv /tmp/lock-venv && /tmp/lock-venv/bin/pip install -q --upgrade pip
+	/tmp/lock-venv/bin/pip install -q -r requirements.in && /tmp/lock-venv/bin/pip freeze --exclude pip > requirements.lock
+
+data: venv ## Write the synthetic sample flowers (TFRecords + masks + samples.png) to DATA_DIR
+	$(RUN) -m trainer.synthetic --output_dir=$(DATA_DIR) --num_train=$(NUM_TRAIN) --num_eval=$(NUM_EVAL) --seed=42
+
+backbone: venv ## Build the offline stand-in for the TF Hub MobileNetV2 feature extractor
+	$(RUN) -m trainer.backbone --output_dir=$(BACKBONE)
+
+train: data backbone ## Train the classifier on DATA_DIR into RUN_DIR (cached backbone features)
+	$(RUN) -m trainer.train --train_data_path='$(DATA_DIR)/train/*.tfrec' \
+	  --eval_data_path='$(DATA_DIR)/validation/*.tfrec' --output_dir=$(RUN_DIR) \
+	  --hub_handle=$(BACKBONE) --batch_size=32 --num_epochs=$(EPOCHS) --seed=42
+
+export: venv ## Export RUN_DIR's model with serving_default, xai_preprocess and xai_model signatures
+	$(RUN) -m trainer.export --keras_model_dir=$(RUN_DIR)/keras_model --export_dir=$(EXPORT_DIR)
+
+explain: venv ## Explain a few validation images with the exported model; figures in RUN_DIR/explanations
+	$(RUN) -m trainer.samples --data_path='$(DATA_DIR)/validation/*.tfrec' --output_dir=$(RUN_DIR)/inputs --n=3
+	$(RUN) -m explain --model_dir=$(EXPORT_DIR) --output_dir=$(RUN_DIR)/explanations $(RUN_DIR)/inputs/*.jpg
+
+demo: ## The main job offline: sample data -> train -> export -> an explained prediction (figures in runs/demo)
+	$(MAKE) train export explain
+	@echo "Demo done: see $(RUN_DIR)/confusion_matrix.png and $(RUN_DIR)/explanations/"
+
+test: venv ## Run the test suite
+	$(RUN) -m pytest
+
+sdist: venv ## Build the trainer package as Vertex custom training wants it (dist/*.tar.gz)
+	$(PY) setup.py -q sdist --formats=gztar
+
+clean: ## Remove generated data, models, runs, builds and the virtual environments
+	rm -rf data runs models artifacts outputs local_registry dist build *.egg-info .pytest_cache $(VENV) .venv-compat
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: help venv lock data backbone train export explain demo test sdist clean
