@@ -1,0 +1,180 @@
+"""An exported SavedModel as explanations need it, and the TensorFlow backend of IG.
+
+The model is reached only through its ``xai_preprocess`` and ``xai_model`` signatures, exactly
+what Vertex's explanation service uses, so a local explanation explains the artefact that is
+deployed. Path gradients are computed in one traced ``tf.function`` per path kind: the path
+points are built, the model is run forward and backward on them, and the weighted gradient
+sums are reduced per group, all in the graph, over fixed-size chunks of nodes (bounded memory,
+no retracing: every shape in the input signature is dynamic). Traced functions are cached on
+the model object, and calling a traced concrete function is thread-safe, so one
+:class:`ExplainableModel` serves concurrent requests.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+import numpy as np
+import tensorflow as tf
+
+from explain.integrated_gradients import PathBatch, PathResult
+from explain.paths import LINEAR, SCALE_SPACE, frequency_squared
+from trainer.export import read_explanation_metadata, read_labels
+from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
+                            XAI_MODEL_SIGNATURE, XAI_PREPROCESS_SIGNATURE)
+
+#: Path nodes per forward+backward call: bounds activation memory; large enough to fill a core.
+DEFAULT_BATCH_SIZE = 32
+
+
+class ModelLoadError(ValueError):
+    """The model directory lacks what explanations need."""
+
+
+@dataclass
+class ExplainableModel:
+    """The loaded SavedModel plus what explanations need (labels and explanation metadata)."""
+
+    model_dir: str
+    labels: list[str]
+    metadata: dict[str, Any]
+    batch_size: int = DEFAULT_BATCH_SIZE
+    _loaded: Any = field(default=None, repr=False)
+    _kernels: dict[str, Callable] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def _xai_model(self):
+        return self._loaded.signatures[XAI_MODEL_SIGNATURE]
+
+    @property
+    def output_key(self) -> str:
+        """The ``xai_model`` output (the probabilities)."""
+        return next(iter(self._xai_model.structured_outputs))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` the ``xai_model`` signature takes."""
+        spec = self._xai_model.structured_input_signature[1][CONCRETE_INPUT]
+        return tuple(int(d) for d in spec.shape[1:])
+
+    def preprocess(self, image_bytes: list[bytes]) -> np.ndarray:
+        """Encoded images to float32 ``[N, H, W, 3]`` in [0, 1] via ``xai_preprocess``."""
+        fn = self._loaded.signatures[XAI_PREPROCESS_SIGNATURE]
+        try:
+            out = fn(**{SERVING_INPUT: tf.constant(list(image_bytes), tf.string)})
+        except tf.errors.InvalidArgumentError:
+            for i, one in enumerate(image_bytes):  # name the bad instance
+                try:
+                    fn(**{SERVING_INPUT: tf.constant([one], tf.string)})
+                except tf.errors.InvalidArgumentError as error:
+                    raise ValueError(f"instance {i}: not a decodable image ({len(one)} bytes): "
+                                     f"{error.message.splitlines()[0]}") from None
+            raise
+        return next(iter(out.values())).numpy()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities ``[N, C]`` via ``xai_model``, in chunks of ``2 * batch_size``."""
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[1:] != self.image_shape:
+            raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {images.shape}")
+        step = 2 * self.batch_size
+        chunks = [self._xai_model(**{CONCRETE_INPUT: tf.constant(images[i:i + step])})[self.output_key].numpy()
+                  for i in range(0, len(images), step)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), np.float32)
+
+    def path_gradients(self, batch: PathBatch) -> PathResult:
+        """The :class:`explain.integrated_gradients.PathModel` callback: chunked in-graph IG."""
+        kernel = self._kernel(batch.path)
+        n = len(batch.alphas)
+        groups = np.zeros((batch.num_groups, *batch.inputs.shape[1:]), np.float32)
+        derivatives = np.zeros(n, np.float32)
+        outputs = np.zeros(n, np.float32)
+        for lo in range(0, n, self.batch_size):
+            hi = min(n, lo + self.batch_size)
+            rows, node_rows = np.unique(batch.node_rows[lo:hi], return_inverse=True)
+            group_ids, node_groups = np.unique(batch.node_groups[lo:hi], return_inverse=True)
+            sums, derivatives[lo:hi], outputs[lo:hi] = (t.numpy() for t in kernel(
+                tf.constant(batch.inputs[rows]), tf.constant(batch.baselines[rows]),
+                tf.constant(batch.classes[rows], tf.int32), tf.constant(node_rows, tf.int32),
+                tf.constant(node_groups, tf.int32), tf.constant(batch.alphas[lo:hi], tf.float32),
+                tf.constant(batch.weights[lo:hi], tf.float32), tf.constant(len(group_ids), tf.int32),
+                tf.constant(batch.max_blur_sigma, tf.float32)))
+            groups[group_ids] += sums
+        return PathResult(groups, derivatives, outputs)
+
+    def _kernel(self, path: str) -> Callable:
+        """The traced path-gradient function for ``path``, traced once per model."""
+        with self._lock:
+            if path not in self._kernels:
+                self._kernels[path] = _trace_path_kernel(self._xai_model, self.output_key, self.image_shape, path)
+            return self._kernels[path]
+
+
+def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, int], path: str):
+    """A concrete function computing, for a chunk of path nodes, the per-group sums of
+    ``weight * grad F(point) * dpoint/dalpha``, ``dF/dalpha`` and ``F`` at each node."""
+    height, width, channels = image_shape
+    image = tf.TensorSpec([None, height, width, channels], tf.float32)
+    vector = lambda dtype: tf.TensorSpec([None], dtype)  # noqa: E731
+    scalar = lambda dtype: tf.TensorSpec([], dtype)  # noqa: E731
+    freq2 = tf.constant(frequency_squared(height, width))  # [2H, W+1]
+
+    def linear_points(inputs, baselines, node_rows, alphas, max_sigma):
+        x, b = tf.gather(inputs, node_rows), tf.gather(baselines, node_rows)
+        return b + alphas[:, None, None, None] * (x - b), x - b
+
+    def scale_space_points(inputs, baselines, node_rows, alphas, max_sigma):
+        x = tf.transpose(inputs, [0, 3, 1, 2])  # [R, C, H, W]
+        x = tf.concat([x, tf.reverse(x, [2])], axis=2)
+        x = tf.concat([x, tf.reverse(x, [3])], axis=3)
+        spectrum = tf.gather(tf.signal.rfft2d(x), node_rows)  # [n, C, 2H, W+1]
+        sigma = (max_sigma * (1.0 - alphas))[:, None, None, None]
+        gauss = tf.exp(-2.0 * math.pi ** 2 * sigma ** 2 * freq2)
+        # d/dalpha blur(x, max_sigma (1 - alpha)) = max_sigma * 4 pi^2 sigma |f|^2 * blurred spectrum
+        speed = 4.0 * math.pi ** 2 * max_sigma * sigma * freq2 * gauss
+
+        def spatial(multiplier):
+            out = tf.signal.irfft2d(spectrum * tf.cast(multiplier, tf.complex64), fft_length=[2 * height, 2 * width])
+            return tf.transpose(out[:, :, :height, :width], [0, 2, 3, 1])
+
+        return spatial(gauss), spatial(speed)
+
+    make_points = {LINEAR: linear_points, SCALE_SPACE: scale_space_points}[path]
+
+    @tf.function(input_signature=[image, image, vector(tf.int32), vector(tf.int32), vector(tf.int32),
+                                  vector(tf.float32), vector(tf.float32), scalar(tf.int32), scalar(tf.float32)])
+    def kernel(inputs, baselines, classes, node_rows, node_groups, alphas, weights, num_groups, max_sigma):
+        points, velocity = make_points(inputs, baselines, node_rows, alphas, max_sigma)
+        with tf.GradientTape() as tape:
+            tape.watch(points)
+            probs = xai_model(**{CONCRETE_INPUT: points})[output_key]
+            # Rows are independent, so the gradient of the sum is each row's own gradient.
+            target = tf.gather(probs, tf.gather(classes, node_rows), batch_dims=1)
+        grads = tape.gradient(target, points) * velocity
+        derivatives = tf.reduce_sum(grads, axis=[1, 2, 3])
+        sums = tf.math.unsorted_segment_sum(weights[:, None, None, None] * grads, node_groups, num_groups)
+        return sums, derivatives, target
+
+    return kernel.get_concrete_function()
+
+
+def load_explainable_model(model_dir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> ExplainableModel:
+    """Load an exported model with its ``labels.txt`` and ``explanation_metadata.json``."""
+    for name in (LABELS_FILE, EXPLANATION_METADATA_FILE, "saved_model.pb"):
+        if not tf.io.gfile.exists(posixpath.join(model_dir, name)):
+            raise ModelLoadError(f"{model_dir}: no {name} (export the model with trainer.export first)")
+    loaded = tf.saved_model.load(model_dir)
+    missing = {XAI_PREPROCESS_SIGNATURE, XAI_MODEL_SIGNATURE} - set(loaded.signatures)
+    if missing:
+        raise ModelLoadError(f"{model_dir}: SavedModel lacks signature(s) {sorted(missing)}")
+    model = ExplainableModel(model_dir=model_dir, labels=read_labels(model_dir),
+                             metadata=read_explanation_metadata(model_dir), batch_size=batch_size, _loaded=loaded)
+    model._kernel(LINEAR)  # trace the common kernel now, not inside the first request
+    return model

@@ -1,0 +1,122 @@
+"""Integrated Gradients against real exported SavedModels: completeness, quadrature, adaptive
+steps, agreement with the ``saliency`` library, SmoothGrad, Blur IG and concurrency."""
+
+from __future__ import annotations
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from saliency import core as saliency_core
+
+from explain import explain_images, load_explainable_model
+from explain.integrated_gradients import IntegratedGradients
+from explain.testing import export_saturating_classifier, smooth_images
+
+
+@pytest.fixture(scope="module")
+def tiny_model(exported_model_dir):
+    return load_explainable_model(exported_model_dir)
+
+
+@pytest.fixture(scope="module")
+def saturating_model(tmp_path_factory):
+    return load_explainable_model(export_saturating_classifier(str(tmp_path_factory.mktemp("sat") / "model")))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return smooth_images(2)
+
+
+def _paths(model, images):
+    classes = model.predict(images).argmax(axis=1)
+    return images, np.zeros_like(images), classes
+
+
+def test_completeness_at_default_steps_on_exported_model(tiny_model, images):
+    results = explain_images(tiny_model, images, {"integrated_gradients_attribution": {"step_count": 50}},
+                             return_raw=True)
+    for result in results:
+        (attribution,) = result["attributions"]
+        raw = np.array(attribution["featureAttributions"]["image"]["raw"])
+        delta = attribution["instanceOutputValue"] - attribution["baselineOutputValue"]
+        assert raw.shape == (192, 192, 3)
+        assert attribution["approximationError"] < 0.05
+        assert abs(raw.sum() - delta) <= 0.05 * abs(delta) + 1e-6  # the reported error is the real one
+
+
+def test_gauss_legendre_beats_riemann_at_equal_steps(saturating_model, images):
+    x, b, classes = _paths(saturating_model, images)
+    ig = IntegratedGradients()
+    errors = {q: ig.GetMask(x, b, classes, saturating_model, step_count=16, quadrature=q).approximation_errors
+              for q in ("riemann_right", "riemann_trapezoid", "gauss_legendre")}
+    assert np.all(errors["gauss_legendre"] < errors["riemann_trapezoid"])
+    assert np.all(errors["gauss_legendre"] < errors["riemann_right"])
+    assert np.all(np.abs(saturating_model.predict(x)[np.arange(2), classes]
+                         - saturating_model.predict(b)[np.arange(2), classes]) > 0.3)  # a meaningful path
+
+
+def test_adaptive_mode_meets_its_target(saturating_model, images):
+    x, b, classes = _paths(saturating_model, images)
+    fixed = IntegratedGradients().GetMask(x, b, classes, saturating_model, step_count=8)
+    adaptive = IntegratedGradients().GetMask(x, b, classes, saturating_model, step_count=8, target_error=2e-3)
+    assert np.all(fixed.approximation_errors > 2e-3)  # the target is not met without refinement
+    assert np.all(adaptive.approximation_errors <= 2e-3)
+    assert np.all(adaptive.step_counts > 8) and np.all(adaptive.step_counts <= 400)
+
+
+def test_agrees_with_saliency_integrated_gradients(tiny_model, images):
+    x, b, classes = _paths(tiny_model, images[:1])
+    fn = tiny_model._xai_model
+
+    def call_model_function(x_batch, call_model_args=None, expected_keys=None):
+        points = tf.constant(x_batch, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(points)
+            probs = next(iter(fn(numpy_inputs=points).values()))[:, call_model_args["class"]]
+        return {saliency_core.INPUT_OUTPUT_GRADIENTS: tape.gradient(probs, points).numpy()}
+
+    theirs = saliency_core.IntegratedGradients().GetMask(x[0], call_model_function, {"class": int(classes[0])},
+                                                         x_baseline=b[0], x_steps=50, batch_size=25)
+    ours = IntegratedGradients().GetMask(x, b, classes, tiny_model, step_count=50).attributions[0]
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99
+    # Same method, same steps' rule: the same numbers.
+    same_rule = IntegratedGradients().GetMask(x, b, classes, tiny_model, step_count=50,
+                                              quadrature="riemann_linspace").attributions[0]
+    np.testing.assert_allclose(same_rule, theirs, rtol=1e-3, atol=1e-6)
+
+
+def test_smoothgrad_and_blur_baseline_run(saturating_model, images):
+    smooth = explain_images(saturating_model, images[:1], {"integrated_gradients_attribution": {
+        "step_count": 16, "smooth_grad_config": {"noise_sigma": 0.1, "noisy_sample_count": 3}}}, return_raw=True)
+    plain = explain_images(saturating_model, images[:1], {"integrated_gradients_attribution": {"step_count": 16}},
+                           return_raw=True)
+    raw = lambda r: np.array(r[0]["attributions"][0]["featureAttributions"]["image"]["raw"])  # noqa: E731
+    assert np.isfinite(raw(smooth)).all() and not np.allclose(raw(smooth), raw(plain))
+    for path in ("scale_space", "linear"):
+        (result,) = explain_images(saturating_model, images[:1], {"integrated_gradients_attribution": {
+            "step_count": 32, "blur_baseline_config": {"max_blur_sigma": 15}, "blur_path": path}}, return_raw=True)
+        attribution = result["attributions"][0]
+        assert np.isfinite(attribution["approximationError"])
+        assert attribution["baselineOutputValue"] != pytest.approx(plain[0]["attributions"][0]["baselineOutputValue"])
+
+
+def test_top_k_output_indices_and_concurrent_calls(tiny_model, images):
+    params = {"integrated_gradients_attribution": {"step_count": 8}, "top_k": -1}
+    (everything,) = explain_images(tiny_model, images[:1], params)
+    assert sorted(a["outputIndex"][0] for a in everything["attributions"]) == list(range(5))
+    assert everything["attributions"][0]["outputDisplayName"] == tiny_model.labels[
+        everything["attributions"][0]["outputIndex"][0]]
+    chosen = explain_images(tiny_model, images, {"xrai_attribution": {"step_count": 4}, "output_indices": [3]})
+    assert [a["outputIndex"] for r in chosen for a in r["attributions"]] == [[3], [3]]
+
+    one = {"integrated_gradients_attribution": {"step_count": 8}}
+    expected = explain_images(tiny_model, images, one, return_raw=True)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: explain_images(tiny_model, images, one, return_raw=True), range(4)))
+    for result in results:
+        assert result == expected

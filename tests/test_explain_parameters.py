@@ -1,0 +1,70 @@
+"""Vertex ExplanationParameters parsing: what Vertex accepts and rejects, in SDK and REST shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from explain.parameters import (ExplanationParametersError, parse_explanation_parameters,
+                                vertex_parameters)
+from explain.visualization import parse_visualization
+
+
+@pytest.mark.parametrize("params, field", [
+    ({}, "exactly one of"),
+    ({"integrated_gradients_attribution": {"step_count": 10}, "xrai_attribution": {"step_count": 10}}, "exactly one of"),
+    ({"integrated_gradients_attribution": {}}, "integrated_gradients_attribution.step_count"),
+    ({"integrated_gradients_attribution": {"step_count": 101}}, "integrated_gradients_attribution.step_count"),
+    ({"xrai_attribution": {"step_count": 1.5}}, "xrai_attribution.step_count"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "smooth_grad_config": {
+        "noise_sigma": 0.1, "noisy_sample_count": 51}}}, "smooth_grad_config.noisy_sample_count"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "smooth_grad_config": {"noisy_sample_count": 5}}},
+     "noise_sigma or feature_noise_sigma"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "blur_baseline_config": {"max_blur_sigma": -1}}},
+     "blur_baseline_config.max_blur_sigma"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "quadrature": "simpson_magic"}}, "quadrature"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "stepz": 1}}, "stepz"),
+    ({"sampled_shapley_attribution": {"path_count": 5}}, "sampled_shapley_attribution"),
+    ({"integrated_gradients_attribution": {"step_count": 5}, "top_k": -2}, "top_k"),
+    ({"integrated_gradients_attribution": {"step_count": 5}, "output_indices": [-1]}, "output_indices"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "baseline": "grey"}}, "baseline"),
+])
+def test_invalid_parameters_name_the_field(params, field):
+    with pytest.raises(ExplanationParametersError, match=field.replace(".", r"\.")):
+        parse_explanation_parameters(params)
+
+
+def test_snake_and_camel_case_parse_alike():
+    snake = {"xrai_attribution": {"step_count": 20, "smooth_grad_config": {
+        "feature_noise_sigma": {"noise_sigma": [{"name": "image", "sigma": 0.2}]}, "noisy_sample_count": 4}},
+        "top_k": 3, "output_indices": [[1], [4]]}
+    camel = {"xraiAttribution": {"stepCount": 20, "smoothGradConfig": {
+        "featureNoiseSigma": {"noiseSigma": [{"name": "image", "sigma": 0.2}]}, "noisySampleCount": 4}},
+        "topK": 3, "outputIndices": [[1], [4]]}
+    config = parse_explanation_parameters(snake)
+    assert config == parse_explanation_parameters(camel)
+    assert config.method == "xrai" and config.top_k == 3 and config.output_indices == (1, 4)
+    assert config.attribution.smooth_grad.sigma_for("image") == 0.2
+    assert config.attribution.quadrature == "gauss_legendre"  # our default, not Riemann
+
+
+def test_vertex_defaults_and_extensions_are_stripped_for_vertex():
+    config = parse_explanation_parameters({"integrated_gradients_attribution": {
+        "step_count": 50, "smooth_grad_config": {"noise_sigma": 0.1}}})
+    assert config.top_k == 1 and config.output_indices is None
+    assert config.attribution.smooth_grad.noisy_sample_count == 3
+    ours = {"integrated_gradients_attribution": {"step_count": 8, "quadrature": "riemann_trapezoid",
+                                                 "target_error": 0.01, "baseline": ["black", "white"]}}
+    assert parse_explanation_parameters(ours).attribution.target_error == 0.01
+    assert vertex_parameters(ours) == {"integrated_gradients_attribution": {"step_count": 8}}
+
+
+def test_visualization_defaults_follow_the_method():
+    ig, xrai = parse_visualization(None, "integrated_gradients"), parse_visualization({}, "xrai")
+    assert (ig.type, ig.color_map, ig.polarity, ig.overlay_type) == ("OUTLINES", "PINK_GREEN", "POSITIVE", "NONE")
+    assert (ig.clip_percent_upperbound, ig.clip_percent_lowerbound) == (99.9, 62.0)
+    assert (xrai.type, xrai.color_map) == ("PIXELS", "VIRIDIS")
+    assert parse_visualization({"colorMap": "red", "overlayType": "GRAYSCALE"}).color_map == "RED"
+    with pytest.raises(ExplanationParametersError, match="color_map"):
+        parse_visualization({"color_map": "RAINBOW"})
+    with pytest.raises(ExplanationParametersError, match="clip_percent_lowerbound"):
+        parse_visualization({"clip_percent_lowerbound": 99, "clip_percent_upperbound": 50})

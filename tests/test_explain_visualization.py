@@ -1,0 +1,81 @@
+"""Attribution images for every Vertex visualization option, XRAI, the figure and the CLI."""
+
+from __future__ import annotations
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+import io
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from explain import explain_images, load_explainable_model, render_attribution, save_explanation_figure
+from explain.__main__ import main as cli_main
+from explain.visualization import (COLOR_MAPS, OVERLAY_TYPES, POLARITIES, TYPES, VisualizationConfig,
+                                   decode_jpeg_b64, encode_jpeg_b64)
+from explain.testing import smooth_images
+
+
+@pytest.fixture(scope="module")
+def image_and_attribution():
+    image = smooth_images(1, seed=3)[0]
+    yy, xx = np.mgrid[0:192, 0:192]
+    signed = np.exp(-((yy - 70) ** 2 + (xx - 70) ** 2) / 300.0) - np.exp(-((yy - 130) ** 2 + (xx - 130) ** 2) / 300.0)
+    noise = np.random.default_rng(0).normal(0, 0.02, (192, 192, 3))
+    return image, signed[..., None] / 3 + noise
+
+
+def test_every_visualization_option_renders_a_jpeg(image_and_attribution):
+    image, attribution = image_and_attribution
+    rendered = {}
+    for kind, polarity, color_map, overlay in itertools.product(TYPES, POLARITIES, COLOR_MAPS, OVERLAY_TYPES):
+        config = VisualizationConfig(kind, polarity, color_map, 99.9, 62, overlay)
+        rgb = render_attribution(image, attribution, config)
+        decoded = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(encode_jpeg_b64(rgb)))))
+        assert decoded.shape == (192, 192, 3) and rgb.dtype == np.uint8
+        rendered[kind, polarity, color_map, overlay] = rgb.astype(int)
+    base = ("PIXELS", "BOTH", "PINK_GREEN", "NONE")  # BOTH: every colour map shows both signs
+    for i, options in enumerate((TYPES, POLARITIES, COLOR_MAPS, OVERLAY_TYPES)):
+        for option in options:  # changing any one option changes the picture
+            variant = list(base)
+            variant[i] = option
+            if tuple(variant) != base:
+                assert np.abs(rendered[tuple(variant)] - rendered[base]).mean() > 0.5, variant
+    # Polarity selects the sign: the positive blob is green at (70, 70), the negative one pink at (130, 130).
+    both = rendered["PIXELS", "BOTH", "PINK_GREEN", "NONE"]
+    assert both[70, 70, 1] > both[70, 70, 0] and both[130, 130, 0] > both[130, 130, 1]
+    assert rendered["PIXELS", "POSITIVE", "PINK_GREEN", "NONE"][130, 130].sum() == 0
+    # A higher lower clip hides more pixels.
+    strict = render_attribution(image, attribution, VisualizationConfig("PIXELS", clip_percent_lowerbound=95))
+    assert (strict.sum(-1) > 0).sum() < (rendered["PIXELS", "POSITIVE", "PINK_GREEN", "NONE"].sum(-1) > 0).sum()
+
+
+def test_xrai_regions_image_and_figure(exported_model_dir, tmp_path):
+    model = load_explainable_model(exported_model_dir)
+    images = smooth_images(1, seed=5)
+    (result,) = explain_images(model, images, {"xrai_attribution": {"step_count": 8}}, return_raw=True)
+    (attribution,) = result["attributions"]
+    regions = np.array(attribution["featureAttributions"]["image"]["raw"])
+    assert regions.shape == (192, 192) and 1 < len(np.unique(regions)) < 192 * 192 / 50  # piecewise constant
+    rgb = decode_jpeg_b64(attribution["featureAttributions"]["image"]["b64_jpeg"])
+    assert rgb.shape == (192, 192, 3) and rgb.std() > 5  # VIRIDIS pixels, not blank
+    path = save_explanation_figure(images[0], rgb, str(tmp_path / "figure.png"), "xrai")
+    with Image.open(path) as figure:
+        assert figure.format == "PNG" and figure.width > 3 * 192
+
+
+def test_cli_writes_figures(exported_model_dir, tmp_path):
+    files = []
+    for i, image in enumerate(smooth_images(2, seed=7)):
+        files.append(str(tmp_path / f"flower{i}.jpg"))
+        Image.fromarray((image * 255).astype(np.uint8)).save(files[-1])
+    out = tmp_path / "out"
+    figures = cli_main(*files, model_dir=exported_model_dir, output_dir=str(out), step_count=8)
+    assert sorted(p.split("/")[-1] for p in figures) == ["flower0_ig.png", "flower1_ig.png"]
+    summary = json.loads((out / "explanations.json").read_text())
+    assert [s["attributions"][0]["outputName"] for s in summary] == ["probabilities"] * 2
+    with pytest.raises(ValueError, match="cannot read image file"):
+        cli_main(str(tmp_path / "missing.jpg"), model_dir=exported_model_dir, output_dir=str(out))
