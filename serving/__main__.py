@@ -1,0 +1,118 @@
+"""``python -m serving``: serve the local registry, one model directory, or (with Vertex's ``AIP_*``
+environment) run as the custom prediction container. ``--help`` lists every option."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+from serving.instances import Limits
+
+DEFAULT_PORT = 8080  # Vertex's AIP_HTTP_PORT default
+
+
+def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    defaults = Limits()
+    p = argparse.ArgumentParser(
+        prog="python -m serving", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve Vertex AI's prediction REST API (GET endpoint, :predict, :explain, :rawPredict) "
+                    "locally. With AIP_PREDICT_ROUTE set (Vertex custom container), predictions carry "
+                    "their explanations and the model comes from --model or AIP_STORAGE_URI.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--registry", help="registry root: serve all its endpoints (re-read on every request)")
+    source.add_argument("--model", help="model directory (local, file:// or gs://) served behind every endpoint "
+                                        "name; default AIP_STORAGE_URI")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 inside a container)")
+    p.add_argument("--port", type=int, default=int(environ.get("AIP_HTTP_PORT", DEFAULT_PORT)),
+                   help="port (AIP_HTTP_PORT if set)")
+    p.add_argument("--max_body_bytes", type=int, default=defaults.max_body_bytes, help="largest request body")
+    p.add_argument("--max_instances", type=int, default=defaults.max_instances, help="most instances per request")
+    p.add_argument("--max_image_pixels", type=int, default=defaults.max_image_pixels,
+                   help="largest image (width x height), checked from the header before decoding")
+    p.add_argument("--explanation_parameters", default=environ.get("EXPLANATION_PARAMETERS"),
+                   help="default explanation parameters (Vertex JSON, or a path/URI of a JSON file) for models "
+                        "without an explanationSpec; default env EXPLANATION_PARAMETERS")
+    p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "serving-model-cache"),
+                   help="where models from gs:// or file:// URIs are copied")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def load_parameters(value: str | None) -> dict[str, Any] | None:
+    """Explanation parameters from JSON text or from a JSON file (local path or any gfile URI)."""
+    if not value:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        if "://" in value:
+            import trainer  # noqa: F401
+            import tensorflow as tf
+
+            with tf.io.gfile.GFile(value) as f:
+                text = f.read()
+        else:
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+    try:
+        parameters = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"explanation parameters {value[:80]!r}: not valid JSON ({e})") from e
+    if not isinstance(parameters, dict):
+        raise SystemExit(f"explanation parameters {value[:80]!r}: must be a JSON object")
+    return parameters
+
+
+def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None):
+    """The server configuration and bind address from the command line and ``AIP_*`` variables."""
+    environ = os.environ if environ is None else environ
+    args = _parser(environ).parse_args(argv)  # before heavy imports: --help stays instant
+
+    from serving.app import ServerConfig
+    from serving.backends import ModelDirBackend, RegistryBackend
+    from serving.registry import Registry
+
+    limits = Limits(args.max_body_bytes, args.max_instances, args.max_image_pixels)
+    parameters = load_parameters(args.explanation_parameters)
+    if parameters is not None:  # fail at start, not at the first request
+        from explain import ExplanationParametersError, parse_explanation_parameters
+
+        try:
+            parse_explanation_parameters(parameters)
+        except ExplanationParametersError as e:
+            raise SystemExit(f"--explanation_parameters / EXPLANATION_PARAMETERS: {e}") from e
+    predict_route = environ.get("AIP_PREDICT_ROUTE") or None
+    health_route = environ.get("AIP_HEALTH_ROUTE") or "/health"
+    model = args.model or (None if args.registry else environ.get("AIP_STORAGE_URI"))
+    if args.registry:
+        if predict_route:
+            raise SystemExit("AIP_PREDICT_ROUTE (custom-container mode) serves one model: use --model or "
+                             "AIP_STORAGE_URI, not --registry")
+        backend = RegistryBackend(Registry(args.registry))
+    elif model:
+        from serving.models import fetch_model
+
+        backend = ModelDirBackend(fetch_model(model, args.cache_dir), parameters)
+    else:
+        raise SystemExit("nothing to serve: give --registry DIR or --model DIR (or set AIP_STORAGE_URI)")
+    config = ServerConfig(backend=backend, cache_dir=args.cache_dir, limits=limits, health_route=health_route,
+                          predict_route=predict_route, explanation_parameters=parameters,
+                          preload=bool(predict_route))
+    return config, args.host, args.port, args.log_level
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import uvicorn
+
+    config, host, port, log_level = build_config(argv)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from serving.app import create_app
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+
+
+if __name__ == "__main__":
+    main()

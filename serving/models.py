@@ -1,0 +1,149 @@
+"""Served models: fetched to local disk, loaded lazily once per version, shared by all threads.
+
+Loading a SavedModel takes seconds, so nothing loads until a version is first asked for, and two
+requests arriving together for a cold version wait on one load rather than doing two. The serving
+input name is read from ``saved_model.pb`` alone (no graph loaded), so requests are checked before
+the model is even in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from serving.instances import RequestError
+from trainer.schema import SERVING_INPUT, SERVING_SIGNATURE
+
+
+def fetch_model(uri: str, cache_dir: str | os.PathLike) -> str:
+    """A local directory holding the model at ``uri``: a local path as is, anything with a scheme
+    (``gs://``, ``file://``) copied with ``tf.io.gfile`` into ``cache_dir`` (once per URI)."""
+    if "://" not in uri:
+        if not Path(uri).is_dir():
+            raise FileNotFoundError(f"model directory {uri} does not exist")
+        return uri
+    uri = uri.rstrip("/")
+    target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = target / ".complete"
+    if done.exists():
+        return str(target)
+    if not tf.io.gfile.isdir(uri):
+        raise FileNotFoundError(f"model directory {uri} does not exist or is not a directory")
+    for directory, _, files in tf.io.gfile.walk(uri):
+        relative = directory[len(uri):].lstrip("/")
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            tf.io.gfile.copy(posixpath.join(directory, name), str(target / relative / name), overwrite=True)
+    done.touch()  # written last: a crash mid-copy is retried, never served half-copied
+    return str(target)
+
+
+def serving_input_name(model_dir: str) -> str:
+    """The single input of the SavedModel's ``serving_default`` signature (``bytes_inputs``)."""
+    path = posixpath.join(model_dir, "saved_model.pb")
+    proto = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    for meta_graph in proto.meta_graphs:
+        signature = meta_graph.signature_def.get(SERVING_SIGNATURE)
+        if signature is not None and len(signature.inputs) == 1:
+            return next(iter(signature.inputs))
+    return SERVING_INPUT
+
+
+@dataclass
+class ServedModel:
+    """One model version ready to serve: its Vertex resource and local directory; the SavedModel's
+    ``serving_default`` (what Vertex itself runs for ``:predict``) and the explainable model (for
+    ``:explain``) are each loaded on first use."""
+
+    version: dict[str, Any]
+    model_dir: str
+    input_name: str
+    _saved: Any = field(default=None, repr=False)
+    _signature: Any = field(default=None, repr=False)
+    _explainable: Any = field(default=None, repr=False)
+    _labels: list[str] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def loaded(self) -> bool:
+        return self._signature is not None
+
+    def signature(self) -> Any:
+        """The ``serving_default`` concrete function (bytes -> probabilities), loaded once."""
+        if self._signature is None:
+            with self._lock:
+                if self._signature is None:
+                    self._saved = tf.saved_model.load(self.model_dir)  # owns the variables
+                    self._signature = self._saved.signatures[SERVING_SIGNATURE]
+        return self._signature
+
+    def explainable(self) -> Any:
+        """``explain.load_explainable_model`` of this version, loaded once."""
+        if self._explainable is None:
+            with self._lock:
+                if self._explainable is None:
+                    from explain import load_explainable_model
+
+                    self._explainable = load_explainable_model(self.model_dir)
+        return self._explainable
+
+    @property
+    def labels(self) -> list[str]:
+        if self._labels is None:
+            from trainer.export import read_labels
+
+            self._labels = read_labels(self.model_dir)
+        return self._labels
+
+    def predict(self, images: list[bytes]) -> np.ndarray:
+        """Class probabilities ``[N, C]`` from ``serving_default``. Images passed
+        :mod:`serving.instances`, so a decode failure here is rare (a file PIL reads but TensorFlow
+        does not); it is then found and named like any other bad instance."""
+        function = self.signature()
+        try:
+            return _single_output(function(**{self.input_name: tf.constant(images)}))
+        except tf.errors.InvalidArgumentError:
+            for i, image in enumerate(images):
+                try:
+                    function(**{self.input_name: tf.constant([image])})
+                except tf.errors.InvalidArgumentError as e:
+                    raise RequestError(f"instances[{i}]: the model cannot decode this image: "
+                                       f"{str(e.message).splitlines()[0]}") from e
+            raise
+
+
+def _single_output(outputs: dict[str, tf.Tensor]) -> np.ndarray:
+    (value,) = outputs.values()
+    return value.numpy()
+
+
+class ModelCache:
+    """Served models keyed by model version (and artifact URI), created once, thread-safe."""
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        self._models: dict[tuple[str, str, str], ServedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, version: dict[str, Any]) -> ServedModel:
+        key = (version["name"], version["versionId"], version["artifactUri"])
+        with self._lock:  # fetching is per version and rare; one lock keeps it simple and exact
+            served = self._models.get(key)
+            if served is None:
+                model_dir = fetch_model(version["artifactUri"], self.cache_dir)
+                served = ServedModel(version, model_dir, serving_input_name(model_dir))
+                self._models[key] = served
+            return served

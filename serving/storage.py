@@ -1,0 +1,66 @@
+"""Crash-safe JSON files: the registry's only persistence primitive.
+
+Every write goes to a temporary file in the same directory, is flushed and ``fsync``-ed, then
+``os.replace``-d over the target (atomic on POSIX) and the directory is ``fsync``-ed, so a reader
+or a crash mid-write sees either the old file or the new one, never half of one. Writers that
+read-modify-write hold an exclusive ``flock`` on a lock file so two processes cannot interleave
+and lose each other's update; readers need no lock because replacement is atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The parsed file, or ``default`` when it does not exist."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Replace ``path`` with ``value`` as JSON such that a crash at any point leaves a valid file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the directory entry of a rename, so the new file survives a power cut too."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (across processes) for a read-modify-write."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

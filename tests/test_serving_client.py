@@ -1,0 +1,57 @@
+"""``python -m serving.client``: explain image files through a live endpoint into figures."""
+
+from __future__ import annotations
+
+import json
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.app import ServerConfig
+from serving.backends import ModelDirBackend
+from serving.client import EndpointError, main
+from serving.testing import running_server
+
+IG = {"integratedGradientsAttribution": {"stepCount": 4}}
+
+
+@pytest.fixture(scope="module")
+def endpoint_url(exported_model_dir, tmp_path_factory):
+    config = ServerConfig(backend=ModelDirBackend(exported_model_dir, IG),
+                          cache_dir=str(tmp_path_factory.mktemp("cache")))
+    with running_server(config) as url:
+        yield f"{url}/v1/projects/local/locations/local/endpoints/7"
+
+
+def _images(directory, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        path = directory / f"flower_{i}.jpg"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (50, 70, 3), np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_client_writes_three_panel_figures(endpoint_url, tmp_path):
+    files = _images(tmp_path, 3)
+    out = tmp_path / "out"
+    figures = main(*files, endpoint_url=endpoint_url, output_dir=str(out), step_count=6, top_k=2, batch_size=2)
+    assert [p.split("/")[-1] for p in figures] == [f"flower_{i}_ig.png" for i in range(3)]
+    for figure in figures:
+        with Image.open(figure) as image:
+            assert image.format == "PNG" and image.width > 2 * image.height  # three panels side by side
+    summary = json.loads((out / "explanations.json").read_text())
+    assert [s["file"] for s in summary] == files
+    assert all(len(s["attributions"]) == 2 for s in summary)  # top_k reached the server
+
+
+def test_client_reports_the_servers_error(endpoint_url, tmp_path):
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_bytes(b"plain text, not a JPEG")
+    with pytest.raises(EndpointError, match=r"HTTP 400: INVALID_ARGUMENT: instances\[1\]"):
+        main(*_images(tmp_path, 1), str(bad), endpoint_url=endpoint_url, output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="exactly one of"):
+        main(str(bad), output_dir=str(tmp_path / "out"))

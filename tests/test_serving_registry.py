@@ -1,0 +1,231 @@
+"""The local model registry: Vertex-shaped resources, versions, aliases, traffic split,
+evaluations, and durability (a crash or a failed write never loses or corrupts a file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from serving import storage
+from serving.registry import PARENT, Registry, RegistryError, allocate_traffic, unallocate_traffic
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = {"integratedGradientsAttribution": {"stepCount": 10}}
+
+
+@pytest.fixture()
+def registry(tmp_path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+@pytest.fixture()
+def artifact(tmp_path) -> str:
+    """A model directory as the exporter leaves it (only the file the registry reads)."""
+    directory = tmp_path / "artifact"
+    directory.mkdir()
+    (directory / "explanation_metadata.json").write_text(json.dumps({"inputs": {"image": {"modality": "image"}}}))
+    return str(directory)
+
+
+def test_upload_versions_and_aliases(registry, artifact):
+    v1 = registry.upload_model("flowers", artifact, labels={"team": "xai"}, description="first")
+    assert v1["name"].startswith(f"{PARENT}/models/") and v1["versionId"] == "1"
+    assert v1["versionAliases"] == ["default"] and v1["labels"] == {"team": "xai"}
+    assert v1["createTime"].endswith("Z") and v1["versionCreateTime"] == v1["createTime"]
+
+    v2 = registry.upload_model("flowers", artifact, parent_model=v1["name"], version_aliases=["champion"])
+    assert v2["name"] == v1["name"] and v2["versionId"] == "2"
+    assert v2["versionAliases"] == ["default", "champion"] and v2["createTime"] == v1["createTime"]
+    # "default" moved to the newest version; the old one keeps no alias.
+    assert [(v["versionId"], v["versionAliases"]) for v in registry.list_model_versions(v1["name"])] == \
+        [("1", []), ("2", ["default", "champion"])]
+
+    v3 = registry.upload_model("flowers", artifact, parent_model=v1["name"].rsplit("/", 1)[1],
+                               version_aliases=["candidate"], is_default_version=False)
+    assert v3["versionId"] == "3" and v3["versionAliases"] == ["candidate"]
+    model_id = v1["name"].rsplit("/", 1)[1]
+    assert registry.get_model(v1["name"])["versionId"] == "2"  # default alias
+    assert registry.get_model(model_id)["versionId"] == "2"
+    assert registry.get_model(f"{model_id}@1")["description"] == "first"
+    assert registry.get_model(f"{v1['name']}@candidate")["versionId"] == "3"
+    assert registry.get_model(f"models/{model_id}@champion")["versionId"] == "2"
+
+    other = registry.upload_model("daisies", artifact)
+    assert [m["displayName"] for m in registry.list_models()] == ["flowers", "daisies"]
+    assert [m["versionId"] for m in registry.list_models("flowers")] == ["2"]
+    assert registry.list_models("daisies")[0]["name"] == other["name"]
+
+
+def test_explanation_spec_and_container(registry, artifact):
+    version = registry.upload_model("flowers", artifact, explanation_parameters=PARAMS,
+                                    serving_container={"image_uri": "us-docker.pkg.dev/p/r/serving:1",
+                                                       "predict_route": "/predict"})
+    assert version["explanationSpec"] == {"metadata": {"inputs": {"image": {"modality": "image"}}},
+                                          "parameters": PARAMS}  # metadata read from the artifact
+    assert version["containerSpec"] == {"imageUri": "us-docker.pkg.dev/p/r/serving:1", "predictRoute": "/predict"}
+    with pytest.raises(RegistryError, match="explanation_metadata.json does not exist"):
+        registry.upload_model("flowers", str(Path(artifact) / "missing"), explanation_parameters=PARAMS)
+    with pytest.raises(RegistryError, match="without explanation_parameters"):
+        registry.upload_model("flowers", artifact, explanation_metadata={"inputs": {}})
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda r, a: r.get_model("12345"), "not found"),
+    (lambda r, a: r.get_model(f"{r.upload_model('m', a)['name']}@7"), "no version or alias '7'"),
+    (lambda r, a: r.get_model("projects/local/locations/local/endpoints/1"), "not a resource name of models"),
+    (lambda r, a: r.upload_model("m", a, labels={"Team": "x"}), "label key 'Team'"),
+    (lambda r, a: r.upload_model("m", a, version_aliases=["42"]), "version alias '42'"),
+    (lambda r, a: r.upload_model("", a), "display_name"),
+    (lambda r, a: r.get_endpoint("999"), "endpoint .*999 not found"),
+    (lambda r, a: r.import_model_evaluation(r.upload_model("m", a)["name"], {"x": float("nan")}), "plain JSON"),
+])
+def test_clear_errors(registry, artifact, call, message):
+    with pytest.raises(RegistryError, match=message):
+        call(registry, artifact)
+    with pytest.raises(LookupError):  # also a LookupError, for callers that catch "not found"
+        registry.get_model("nope")
+
+
+def test_evaluations_per_version(registry, artifact):
+    v1 = registry.upload_model("flowers", artifact)
+    v2 = registry.upload_model("flowers", artifact, parent_model=v1["name"])
+    e1 = registry.import_model_evaluation(f"{v1['name']}@1", {"auPrc": 0.5}, display_name="old")
+    e2 = registry.import_model_evaluation(v1["name"], {"auPrc": 0.9, "confusionMatrix": {"rows": [[1, 0]]}})
+    assert e1["name"].startswith(f"{v1['name']}@1/evaluations/") and e1["displayName"] == "old"
+    assert e2["name"].startswith(f"{v2['name']}@2/evaluations/")
+    assert [e["metrics"]["auPrc"] for e in registry.list_model_evaluations(f"{v1['name']}@1")] == [0.5]
+    assert [e["metrics"]["auPrc"] for e in registry.list_model_evaluations(v1["name"])] == [0.9]
+
+
+def test_endpoints_deploy_and_traffic_split(registry, artifact):
+    model = registry.upload_model("flowers", artifact)
+    endpoint = registry.get_or_create_endpoint("flowers-endpoint")
+    assert registry.get_or_create_endpoint("flowers-endpoint")["name"] == endpoint["name"]
+    assert endpoint["deployedModels"] == [] and endpoint["trafficSplit"] == {}
+    with pytest.raises(RegistryError, match="first model needs traffic_percentage=100"):
+        registry.deploy_model(endpoint["name"], model["name"], traffic_percentage=40)
+
+    a = registry.deploy_model(endpoint["name"], model["name"], machine_type="n1-standard-2", max_replica_count=2)
+    assert a["model"] == f"{model['name']}@1" and a["modelVersionId"] == "1" and a["displayName"] == "flowers"
+    assert a["dedicatedResources"] == {"machineSpec": {"machineType": "n1-standard-2"},
+                                       "minReplicaCount": 1, "maxReplicaCount": 2}
+    v2 = registry.upload_model("flowers", artifact, parent_model=model["name"])
+    b = registry.deploy_model(endpoint["name"], f"{model['name']}@{v2['versionId']}", traffic_percentage=30,
+                              display_name="canary")
+    c = registry.deploy_model(endpoint["name"], model["name"], traffic_percentage=10)
+    split = registry.get_endpoint(endpoint["name"])["trafficSplit"]
+    assert split == {a["id"]: 63, b["id"]: 27, c["id"]: 10}  # 70:30 kept within the remaining 90
+    assert [d["id"] for d in registry.get_endpoint(endpoint["name"])["deployedModels"]] == [a["id"], b["id"], c["id"]]
+
+    registry.undeploy_model(endpoint["name"], a["id"])
+    split = registry.get_endpoint(endpoint["name"])["trafficSplit"]
+    assert split == {b["id"]: 73, c["id"]: 27} and sum(split.values()) == 100
+    with pytest.raises(RegistryError, match="no deployed model"):
+        registry.undeploy_model(endpoint["name"], a["id"])
+    registry.undeploy_model(endpoint["name"], b["id"])
+    registry.undeploy_model(endpoint["name"], c["id"])
+    assert registry.get_endpoint(endpoint["name"])["trafficSplit"] == {}
+    assert [e["name"] for e in registry.list_endpoints("flowers-endpoint")] == [endpoint["name"]]
+    assert registry.list_endpoints("other") == []
+
+
+def test_traffic_arithmetic_matches_the_sdk():
+    assert allocate_traffic({}, "a", 100) == {"a": 100}
+    assert allocate_traffic({}, "a", 0) == {"a": 100}
+    assert allocate_traffic({"a": 100}, "b", 0) == {"a": 100, "b": 0}
+    assert allocate_traffic({"a": 100}, "b", 100) == {"a": 0, "b": 100}
+    assert allocate_traffic({"a": 33, "b": 33, "c": 34}, "d", 10) == {"a": 30, "b": 30, "c": 30, "d": 10}
+    assert unallocate_traffic({"a": 50, "b": 25, "c": 25}, "a") == {"b": 50, "c": 50}
+    assert unallocate_traffic({"a": 100, "b": 0}, "a") == {"b": 100}  # never an endpoint serving nothing
+
+
+def test_failed_write_leaves_the_old_file(registry, artifact, monkeypatch):
+    endpoint = registry.create_endpoint("e")
+    path = registry.root / "endpoints" / f"{endpoint['name'].rsplit('/', 1)[1]}.json"
+    before = path.read_bytes()
+    model = registry.upload_model("flowers", artifact)
+
+    def crash(src, dst):  # the process dies after the temp file is written and fsync-ed
+        raise OSError("simulated crash between write and replace")
+
+    monkeypatch.setattr(storage.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        registry.deploy_model(endpoint["name"], model["name"])
+    monkeypatch.undo()
+    assert path.read_bytes() == before and registry.get_endpoint(endpoint["name"])["deployedModels"] == []
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # the temp file was cleaned up
+    registry.deploy_model(endpoint["name"], model["name"])  # and the registry still works
+    assert len(registry.get_endpoint(endpoint["name"])["deployedModels"]) == 1
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from serving.registry import Registry
+    r = Registry(sys.argv[1])
+    endpoint = r.get_or_create_endpoint("shared")
+    model = r.list_models("flowers")[0]["name"]
+    count = int(sys.argv[2])
+    for i in range(count if count > 0 else 10**9):
+        r.deploy_model(endpoint["name"], model, traffic_percentage=0 if i % 2 else 100)
+        r.upload_model("flowers", sys.argv[3], parent_model=model, version_aliases=[f"v{sys.argv[4]}x{i}"])
+        print(i, flush=True)
+""")
+
+
+def _writer(root, artifact, count, tag) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", _WRITER, str(root), str(count), artifact, str(tag)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _assert_consistent(registry: Registry) -> None:
+    for path in registry.root.rglob("*.json"):
+        json.loads(path.read_text())  # every file parses: no half-written JSON
+    for endpoint in registry.list_endpoints():
+        ids = {d["id"] for d in endpoint["deployedModels"]}
+        assert set(endpoint["trafficSplit"]) == ids
+        assert sum(endpoint["trafficSplit"].values()) == (100 if ids else 0)
+
+
+def test_killed_writer_leaves_a_valid_registry(registry, artifact):
+    registry.upload_model("flowers", artifact)
+    writer = _writer(registry.root, artifact, 0, "k")
+    for _ in range(5):  # let it get well into its writes, then kill it mid-flight
+        assert writer.stdout.readline(), "writer died early"
+    time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    _assert_consistent(registry)
+    endpoint = registry.list_endpoints("shared")[0]
+    assert len(endpoint["deployedModels"]) >= 5
+    registry.deploy_model(endpoint["name"], registry.list_models()[0]["name"])  # still writable
+
+
+def test_concurrent_writers_lose_nothing(registry, artifact):
+    model = registry.upload_model("flowers", artifact)
+    registry.create_endpoint("shared")
+    writers = [_writer(registry.root, artifact, 4, tag) for tag in range(3)]
+    for writer in writers:
+        writer.communicate(timeout=120)
+        assert writer.returncode == 0
+    _assert_consistent(registry)
+    assert len(registry.list_endpoints("shared")) == 1
+    assert len(registry.list_endpoints("shared")[0]["deployedModels"]) == 12
+    versions = registry.list_model_versions(model["name"])
+    assert [v["versionId"] for v in versions] == [str(i) for i in range(1, 14)]
+    assert sum("default" in v["versionAliases"] for v in versions) == 1
+
+
+def test_invalid_explanation_parameters_are_refused_at_upload(registry, artifact):
+    with pytest.raises(RegistryError, match="invalid explanation_parameters.*step_count"):
+        registry.upload_model("flowers", artifact,
+                              explanation_parameters={"integratedGradientsAttribution": {"stepCount": 1000}})
+    assert registry.list_models() == []

@@ -1,0 +1,294 @@
+"""The local endpoint server over real HTTP: Vertex's paths and response shapes, traffic split,
+registry changes served without restart, and every kind of bad input answered with Vertex's
+error JSON naming the instance, while good requests keep being served concurrently."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+import httpx
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from serving.app import ServerConfig, create_app
+from serving.backends import RegistryBackend
+from serving.instances import Limits
+from serving.models import ModelCache
+from serving.registry import Registry
+from serving.testing import serving_app
+from trainer.schema import CLASSES, SERVING_INPUT
+
+IG_PARAMETERS = {"integratedGradientsAttribution": {"stepCount": 4}}
+LIMITS = Limits(max_body_bytes=300_000, max_instances=4, max_image_pixels=512 * 512)
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def image_bytes(seed: int = 0, size: tuple[int, int] = (40, 56), fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(rng.integers(0, 255, (*size, 3), dtype=np.uint8), fmt)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def instance(data: bytes) -> dict:
+    return {SERVING_INPUT: {"b64": b64(data)}}
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims ``width x height`` (a decompression bomb's header)."""
+    png = bytearray(encode(np.zeros((1, 1, 3), np.uint8), "PNG"))
+    ihdr = png.index(b"IHDR")
+    png[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    png[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr:ihdr + 17])))
+    return bytes(png)
+
+
+@pytest.fixture(scope="module")
+def served(exported_model_dir, tmp_path_factory):
+    """A registry with one model deployed to one endpoint, served over HTTP."""
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    model = registry.upload_model("flowers", exported_model_dir, explanation_parameters=IG_PARAMETERS)
+    endpoint = registry.create_endpoint("flowers-endpoint")
+    deployed = registry.deploy_model(endpoint["name"], model["name"])
+    config = ServerConfig(backend=RegistryBackend(registry), cache_dir=str(tmp_path_factory.mktemp("cache")),
+                          limits=LIMITS)
+    app = create_app(config)
+    with serving_app(app) as url:
+        yield {"url": url, "registry": registry, "model": model, "endpoint": endpoint, "deployed": deployed,
+               "models": app.state.models}
+
+
+def endpoint_url(served, endpoint=None) -> str:
+    return f"{served['url']}/v1/{(endpoint or served['endpoint'])['name']}"
+
+
+def test_get_endpoint_and_health(served):
+    response = httpx.get(endpoint_url(served))
+    assert response.status_code == 200
+    assert response.json() == served["registry"].get_endpoint(served["endpoint"]["name"])
+    assert httpx.get(served["url"] + "/health").json() == {"status": "ok"}
+    missing = httpx.get(f"{served['url']}/v1/projects/local/locations/local/endpoints/404")
+    assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
+
+
+def test_predict_matches_the_saved_model(served, exported_model_dir):
+    images = [image_bytes(0), image_bytes(1, fmt="PNG")]
+    response = httpx.post(endpoint_url(served) + ":predict",
+                          json={"instances": [instance(images[0]), {"b64": b64(images[1])}]}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["deployedModelId"] == served["deployed"]["id"]
+    assert body["model"] == served["model"]["name"] and body["modelVersionId"] == "1"
+    assert body["modelDisplayName"] == "flowers"
+    predictions = np.array(body["predictions"])
+    assert predictions.shape == (2, len(CLASSES))
+    expected = tf.saved_model.load(exported_model_dir).signatures["serving_default"](
+        **{SERVING_INPUT: tf.constant(images)})["probabilities"].numpy()
+    np.testing.assert_allclose(predictions, expected, rtol=1e-5, atol=1e-6)
+
+    raw = httpx.post(endpoint_url(served) + ":rawPredict", json={"instances": [instance(images[0])]}, timeout=60)
+    assert raw.status_code == 200
+    assert raw.headers["X-Vertex-AI-Deployed-Model-Id"] == served["deployed"]["id"]
+    assert raw.headers["X-Vertex-AI-Model"] == served["model"]["name"]
+    np.testing.assert_allclose(raw.json()["predictions"][0], expected[0], rtol=1e-5, atol=1e-6)
+
+
+GOOD = instance(image_bytes(3))
+_WHOLE = image_bytes(4, size=(64, 64))
+TRUNCATED = _WHOLE[:len(_WHOLE) * 2 // 3]  # header intact, scan data cut off
+
+BAD_REQUESTS = [
+    # (name, raw body, HTTP code, text the message must contain)
+    ("invalid json", b'{"instances": [', 400, "not valid JSON"),
+    ("not an object", b"[1, 2]", 400, "must be a JSON object"),
+    ("missing instances", json.dumps({"inputs": [GOOD]}).encode(), 400, "no 'instances'"),
+    ("empty instances", json.dumps({"instances": []}).encode(), 400, "non-empty list"),
+    ("wrong key", json.dumps({"instances": [GOOD, {"image": {"b64": "AAAA"}}]}).encode(), 400,
+     "instances[1]: expected"),
+    ("b64 not a string", json.dumps({"instances": [{"b64": 12}]}).encode(), 400, "instances[0].b64"),
+    ("invalid base64", json.dumps({"instances": [GOOD, GOOD, {"b64": "not base64!"}]}).encode(), 400,
+     "instances[2].b64: invalid base64"),
+    ("no image", json.dumps({"instances": [instance(b"just some bytes")]}).encode(), 400,
+     "instances[0].bytes_inputs: not an image"),
+    ("truncated image", json.dumps({"instances": [GOOD, instance(TRUNCATED)]}).encode(), 400,
+     "instances[1].bytes_inputs: JPEG image cannot be decoded"),
+    ("unsupported format", json.dumps({"instances": [instance(image_bytes(5, fmt="TIFF"))]}).encode(), 400,
+     "unsupported image format TIFF"),
+    ("over the pixel budget", json.dumps({"instances": [instance(encode(np.zeros((600, 600, 3), np.uint8),
+                                                                        "PNG"))]}).encode(), 400,
+     "600x600 = 360000 pixels, over the budget"),
+    ("bomb header", json.dumps({"instances": [instance(png_with_header_size(100_000, 100_000))]}).encode(), 400,
+     "instances[0].bytes_inputs: image is"),
+    ("too many instances", json.dumps({"instances": [GOOD] * 5}).encode(), 400, "too many instances: 5 > "),
+    ("parameters not an object", json.dumps({"instances": [GOOD], "parameters": [1]}).encode(), 400,
+     "'parameters' must be a JSON object"),
+    ("body over the limit", json.dumps({"instances": [{"b64": "A" * 400_000}]}).encode(), 413,
+     "over the limit of 300000 bytes"),
+]
+
+
+@pytest.mark.parametrize("name, body, code, message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize("verb", [":predict", ":explain"])
+def test_bad_input_is_refused_clearly(served, name, body, code, message, verb):
+    response = httpx.post(endpoint_url(served) + verb, content=body,
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == code, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["status"] == "INVALID_ARGUMENT"
+    assert message in error["message"], error["message"]
+
+
+def test_chunked_body_over_the_limit_is_refused(served):
+    def chunks():  # no Content-Length: the limit must be enforced while streaming
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    response = httpx.post(endpoint_url(served) + ":predict", content=chunks(), timeout=60)
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]["message"]
+
+
+def test_bad_and_good_requests_concurrently(served):
+    good = json.dumps({"instances": [GOOD, instance(image_bytes(6, fmt="PNG"))]}).encode()
+    jobs = [(good, 200)] * 6 + [(body, code) for _, body, code, _ in BAD_REQUESTS]
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda job: client.post(endpoint_url(served) + ":predict", content=job[0],
+                                                        headers={"Content-Type": "application/json"}), jobs))
+    assert [a.status_code for a in answers] == [code for _, code in jobs]
+    for answer in answers[:6]:
+        assert np.array(answer.json()["predictions"]).shape == (2, len(CLASSES))
+    assert httpx.get(served["url"] + "/health").status_code == 200
+
+
+def test_unknown_routes_and_deployed_models(served):
+    response = httpx.post(endpoint_url(served) + ":explain", timeout=60,
+                          json={"instances": [GOOD], "deployedModelId": "123"})
+    assert response.status_code == 400 and "no deployed model '123'" in response.json()["error"]["message"]
+    response = httpx.get(served["url"] + "/v2/whatever")
+    assert response.status_code == 404 and response.json()["error"]["status"] == "NOT_FOUND"
+    empty = served["registry"].create_endpoint("empty")
+    response = httpx.post(endpoint_url(served, empty) + ":predict", json={"instances": [GOOD]})
+    assert response.status_code == 400 and response.json()["error"]["status"] == "FAILED_PRECONDITION"
+
+
+def test_traffic_split_and_registry_changes_without_restart(served, exported_model_dir):
+    registry = served["registry"]
+    endpoint = registry.create_endpoint("canary")  # created after the server started
+    v2 = registry.upload_model("flowers", exported_model_dir, parent_model=served["model"]["name"])
+    first = registry.deploy_model(endpoint["name"], served["model"]["name"] + "@1")
+    body = {"instances": [GOOD]}
+
+    def deployed_ids(n: int) -> set[str]:
+        with httpx.Client(timeout=60) as client:
+            answers = [client.post(endpoint_url(served, endpoint) + ":predict", json=body) for _ in range(n)]
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        return {a.json()["deployedModelId"] for a in answers}
+
+    assert deployed_ids(3) == {first["id"]}
+    second = registry.deploy_model(endpoint["name"], f"{v2['name']}@{v2['versionId']}", traffic_percentage=50)
+    assert deployed_ids(40) == {first["id"], second["id"]}  # both drawn (fails with p = 2 * 2**-40)
+    third = registry.deploy_model(endpoint["name"], served["model"]["name"] + "@1", traffic_percentage=100)
+    assert deployed_ids(5) == {third["id"]}  # the others now have 0%
+    response = httpx.post(endpoint_url(served, endpoint) + ":predict", json=body).json()
+    assert response["modelVersionId"] == "1"
+
+
+def explain(served, body: dict) -> httpx.Response:
+    return httpx.post(endpoint_url(served) + ":explain", json=body, timeout=120)
+
+
+def test_explain_uses_the_models_explanation_spec(served):
+    response = explain(served, {"instances": [GOOD, {"b64": b64(image_bytes(7, fmt="PNG"))}]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["deployedModelId"] == served["deployed"]["id"]
+    assert np.array(body["predictions"]).shape == (2, len(CLASSES))
+    assert len(body["explanations"]) == 2
+    for explanation, probabilities in zip(body["explanations"], body["predictions"]):
+        (attribution,) = explanation["attributions"]  # Vertex's default top_k = 1
+        assert attribution["outputIndex"] == [int(np.argmax(probabilities))]
+        assert attribution["outputDisplayName"] == CLASSES[attribution["outputIndex"][0]]
+        assert attribution["instanceOutputValue"] == pytest.approx(max(probabilities), abs=1e-5)
+        assert set(attribution["featureAttributions"]) == {"image"}
+
+
+def test_explanation_spec_override(served):
+    image = {"instances": [GOOD]}
+    default = explain(served, image).json()["explanations"][0]["attributions"][0]
+    override = {"parameters": {"integratedGradientsAttribution": {"stepCount": 6}, "topK": 2},
+                "metadata": {"inputs": {"image": {"inputBaselines": [1.0]}}}}  # a white baseline
+    for key in ("explanationSpecOverride", "explanation_spec_override"):
+        response = explain(served, {**image, key: override, "deployedModelId": served["deployed"]["id"]})
+        assert response.status_code == 200, response.text
+        attributions = response.json()["explanations"][0]["attributions"]
+        assert len(attributions) == 2  # topK from the override
+        assert attributions[0]["outputIndex"] == default["outputIndex"]
+        assert attributions[0]["baselineOutputValue"] != pytest.approx(default["baselineOutputValue"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"parameters": {"integratedGradientsAttribution": {"stepCount": 1000}}}, "explanation parameters: "),
+    ({"parameters": {"sampledShapleyAttribution": {"pathCount": 5}}}, "sampled_shapley_attribution"),
+    ({"metadata": {"inputs": {"pixels": {"inputBaselines": [0]}}}}, "unknown input 'pixels'"),
+    ("xrai", "must be a JSON object"),
+])
+def test_bad_explanation_override_is_refused(served, override, message):
+    response = explain(served, {"instances": [GOOD], "explanationSpecOverride": override})
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
+def test_explain_without_explanation_spec(served, exported_model_dir):
+    registry = served["registry"]
+    plain = registry.upload_model("no-xai", exported_model_dir)
+    endpoint = registry.create_endpoint("no-xai")
+    registry.deploy_model(endpoint["name"], plain["name"])
+    url = endpoint_url(served, endpoint) + ":explain"
+    refused = httpx.post(url, json={"instances": [GOOD]}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["status"] == "FAILED_PRECONDITION"
+    assert "no explanationSpec" in refused.json()["error"]["message"]
+    given = httpx.post(url, timeout=120, json={"instances": [GOOD], "explanationSpecOverride": {
+        "parameters": {"integratedGradientsAttribution": {"stepCount": 4}}}})
+    assert given.status_code == 200, given.text
+
+
+def test_a_bad_instance_costs_no_model_time(served, exported_model_dir):
+    registry = served["registry"]
+    version = registry.upload_model("cold", exported_model_dir)
+    endpoint = registry.create_endpoint("cold")
+    registry.deploy_model(endpoint["name"], version["name"])
+    bad = {"instances": [GOOD, GOOD, instance(TRUNCATED)]}
+    response = httpx.post(endpoint_url(served, endpoint) + ":predict", json=bad, timeout=60)
+    assert response.status_code == 400 and "instances[2]" in response.json()["error"]["message"]
+    cold = served["models"].get(version)
+    assert not cold.loaded  # refused from the request alone: the SavedModel was never loaded
+    assert httpx.post(endpoint_url(served, endpoint) + ":predict", json={"instances": [GOOD]},
+                      timeout=60).status_code == 200
+    assert cold.loaded
+
+
+def test_models_load_once_per_version_across_threads(exported_model_dir, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    version = registry.upload_model("flowers", exported_model_dir)
+    cache = ModelCache(tmp_path / "cache")
+    with ThreadPoolExecutor(6) as pool:
+        served = list(pool.map(lambda _: cache.get(registry.get_model(version["name"])), range(6)))
+        signatures = list(pool.map(lambda m: m.signature(), served))
+    assert all(s is served[0] for s in served) and all(f is signatures[0] for f in signatures)
+    assert served[0].input_name == SERVING_INPUT
+    newer = registry.upload_model("flowers", exported_model_dir, parent_model=version["name"])
+    assert cache.get(newer) is not served[0]  # cached per version
