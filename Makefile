@@ -15,6 +15,8 @@ EXPORT_DIR  ?= $(RUN_DIR)/model
 NUM_TRAIN   ?= 600
 NUM_EVAL    ?= 150
 EPOCHS      ?= 15
+REGISTRY    ?= local_registry
+PORT        ?= 8080
 
 help: ## List every target with what it does
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -55,6 +57,12 @@ demo: ## The main job offline: sample data -> train -> export -> an explained pr
 	$(MAKE) train export explain
 	@echo "Demo done: see $(RUN_DIR)/confusion_matrix.png and $(RUN_DIR)/explanations/"
 
+serve: venv ## Serve the local registry's endpoints (Vertex REST API) on 127.0.0.1:PORT
+	$(RUN) -m serving --registry $(REGISTRY) --port $(PORT)
+
+serve-model: venv ## Serve EXPORT_DIR alone behind every endpoint name on 127.0.0.1:PORT
+	$(RUN) -m serving --model $(EXPORT_DIR) --port $(PORT)
+
 test: venv ## Run the test suite
 	$(RUN) -m pytest
 
@@ -65,4 +73,4 @@ clean: ## Remove generated data, models, runs, builds and the virtual environmen
 	rm -rf data runs models artifacts outputs local_registry dist build *.egg-info .pytest_cache $(VENV) .venv-compat
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv lock data backbone train export explain demo test sdist clean
+.PHONY: help venv lock data backbone train export explain demo serve serve-model test sdist clean
