@@ -1,0 +1,110 @@
+"""The pipeline steps as KFP components: thin typed wrappers, no logic.
+
+Each body imports the step's plain function from ``components.<step>`` and maps KFP artifacts
+(paths and metadata) to its arguments, so the code a pipeline runs is the code the CLIs and
+tests run. The components run in ``images.components`` (see ``docker/Dockerfile``), which holds
+this repository; under ``kfp.local`` they run in this interpreter.
+"""
+
+# (No "from __future__ import annotations": KFP reads the real annotation objects.)
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Input, Metrics, Model, Output
+
+
+def train_op(train_data_path: str, eval_data_path: str, hub_handle: str, batch_size: int, num_epochs: int,
+             learning_rate: float, fine_tune_layers: int, seed: int, train_examples: int,
+             model: Output[Model], metrics: Output[Metrics]):
+    """Train; the model artifact is the run directory (``keras_model/``, metrics, figures)."""
+    from components.train import train
+
+    result = train(train_data_path, eval_data_path, model.path, hub_handle, batch_size, num_epochs, learning_rate,
+                   fine_tune_layers, seed, train_examples)
+    for key in ("accuracy", "loss", "train_seconds"):
+        metrics.log_metric(key, result[key])
+    model.metadata.update({"accuracy": result["accuracy"], "hub_handle": hub_handle, "framework": "tf_keras"})
+
+
+def export_signatures_op(trained: Input[Model], visualization: str, exported: Output[Model]):
+    """Export with serving_default / xai_preprocess / xai_model; metadata travels on the artifact."""
+    from components.export_signatures import export_signatures
+
+    metadata = export_signatures(trained.path + "/keras_model", exported.path, visualization)
+    exported.metadata.update({"explanation_metadata": metadata, "framework": "tensorflow"})
+
+
+def evaluate_op(exported: Input[Model], eval_data_path: str, min_accuracy: float, require_not_worse: bool,
+                backend: str, model_display_name: str, registry_dir: str, project: str, location: str,
+                api_endpoint: str, metrics: Output[Metrics]) -> NamedTuple("Gate", deploy=bool, reason=str,
+                                                                            metrics_json=str):
+    """Score the export and decide whether it may be deployed (the gate)."""
+    import json
+    from collections import namedtuple
+
+    from components.evaluate import evaluate
+
+    result = evaluate(exported.path, eval_data_path, min_accuracy, backend, model_display_name, require_not_worse,
+                      registry_dir, project, location, api_endpoint)
+    metrics.log_metric("accuracy", result["metrics"]["accuracy"])
+    metrics.log_metric("loss", result["metrics"]["loss"])
+    metrics.metadata["deploy"] = result["deploy"]
+    metrics.metadata["reason"] = result["reason"]
+    return namedtuple("Gate", ["deploy", "reason", "metrics_json"])(
+        result["deploy"], result["reason"], json.dumps(result["metrics"]))
+
+
+def upload_model_op(approved: bool, exported: Input[Model], display_name: str, metrics_json: str,
+                    explanation_parameters: str, backend: str, deploy_target: str, labels: str, version_aliases: str,
+                    registry_dir: str, project: str, location: str, api_endpoint: str, serving_image: str,
+                    prebuilt_image: str) -> str:
+    """Upload (a new version when the display name exists); returns "<model>@<version>" or "" if not approved."""
+    if not approved:
+        print("upload skipped: the evaluation gate did not approve this model")
+        return ""
+    from components.upload_model import upload_model
+
+    return upload_model(exported.path, display_name, metrics_json, explanation_parameters, backend, deploy_target,
+                        labels, version_aliases, registry_dir, project, location, api_endpoint, serving_image,
+                        prebuilt_image)["model"]
+
+
+def deploy_model_op(model_name: str, endpoint_display_name: str, backend: str, traffic_percentage: int,
+                    machine_type: str, min_replica_count: int, max_replica_count: int, registry_dir: str,
+                    project: str, location: str, api_endpoint: str, service_account: str) -> str:
+    """Deploy to the endpoint with that display name; returns the endpoint's resource name."""
+    if not model_name:
+        print("deploy skipped: nothing was uploaded (the gate did not approve)")
+        return ""
+    from components.deploy_model import deploy_model
+
+    return deploy_model(model_name, endpoint_display_name, backend, traffic_percentage, machine_type,
+                        min_replica_count, max_replica_count, registry_dir, project, location, api_endpoint,
+                        service_account)["endpoint"]
+
+
+def explain_smoke_op(endpoint: str, eval_data_path: str, backend: str, registry_dir: str, project: str,
+                     location: str, api_endpoint: str, deploy_target: str, explanation: Output[dsl.HTML]):
+    """One explained prediction from the deployed endpoint; the figure is the artifact."""
+    if not endpoint:
+        print("explain_smoke skipped: nothing was deployed")
+        return
+    import base64
+    import os
+
+    from components.explain_smoke import explain_smoke
+
+    summary = explain_smoke(endpoint, eval_data_path, os.path.dirname(explanation.path) or ".", backend,
+                            registry_dir, project, location, api_endpoint, deploy_target)
+    with open(summary["figure"], "rb") as f:
+        png = base64.b64encode(f.read()).decode()
+    with open(explanation.path, "w") as f:
+        f.write(f'<h3>{summary["predicted"]}</h3><img src="data:image/png;base64,{png}"/>')
+    explanation.metadata.update({k: summary[k] for k in ("predicted", "approximation_error", "figure")})
+
+
+def make_components(base_image: str) -> dict:
+    """The six components, built for ``base_image`` (which must contain this repository)."""
+    fns = [train_op, export_signatures_op, evaluate_op, upload_model_op, deploy_model_op, explain_smoke_op]
+    return {fn.__name__[:-3]: dsl.component(fn, base_image=base_image, install_kfp_package=False) for fn in fns}

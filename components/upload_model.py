@@ -1,0 +1,70 @@
+"""Step 4, upload_model: register the exported model with its explanation metadata (from the
+export step) and parameters (from config), as a new version of the model with that display name
+(``parent_model``) when one exists, and import its evaluation so the next run can compare with it.
+
+Deploy targets on Vertex: ``custom_container`` (our server; explanations carried in predictions,
+default parameters passed in its environment) or ``builtin_explanations`` (Vertex's prebuilt TF
+image with the explanation spec at upload; deprecated 2026-03-16, stops on 2027-03-16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import fire
+
+from components.common import as_dict
+
+
+def upload_model(export_dir: str, display_name: str, metrics: dict | str, explanation_parameters: dict | str,
+                 backend: str = "local", deploy_target: str = "custom_container", labels: dict | str | None = None,
+                 version_aliases: Sequence[str] | str = (), registry_dir: str = "", project: str = "",
+                 location: str = "", api_endpoint: str = "", serving_image: str = "",
+                 prebuilt_image: str = "") -> dict[str, Any]:
+    """Upload; returns {"model": "<resource name>@<version>", "version_id", "parent_model"}."""
+    from explain.parameters import vertex_parameters
+    from trainer.export import read_explanation_metadata
+
+    metadata = read_explanation_metadata(export_dir)  # produced by the export step, never typed here
+    parameters = as_dict(explanation_parameters)
+    metrics = as_dict(metrics)
+    labels = as_dict(labels) if not isinstance(labels, dict) else labels
+    aliases = [a for a in (version_aliases.split(",") if isinstance(version_aliases, str) else version_aliases) if a]
+
+    if backend == "vertex":
+        from components import vertex
+
+        builtin = deploy_target == "builtin_explanations"
+        if builtin:
+            vertex.warn_builtin_explanations()
+        uploaded = vertex.upload_model(
+            display_name=display_name, artifact_uri=export_dir,
+            explanation_metadata=metadata if builtin else None,
+            explanation_parameters=vertex_parameters(parameters) if builtin else None,
+            serving_container_image_uri=(prebuilt_image or vertex.PREBUILT_TF_PREDICTION_IMAGE) if builtin else serving_image,
+            labels=labels or {}, version_aliases=aliases, is_default_version=True,
+            serving_container_env=None if builtin else {"EXPLANATION_PARAMETERS": json.dumps(parameters)},
+            description="flowers classifier with explanations", project=project, location=location,
+            api_endpoint=api_endpoint or None)
+        model = f"{uploaded['resource_name']}@{uploaded['version_id']}"
+        vertex.import_evaluation(model, metrics, project=project, location=location, api_endpoint=api_endpoint or None)
+        return {"model": model, "version_id": uploaded["version_id"], "display_name": display_name}
+
+    from serving.registry import Registry
+
+    registry = Registry(registry_dir)
+    existing = registry.list_models(display_name=display_name)
+    parent = existing[0]["name"] if existing else None
+    version = registry.upload_model(display_name, os.path.abspath(export_dir), explanation_metadata=metadata,
+                                    explanation_parameters=parameters, labels=labels or None, parent_model=parent,
+                                    version_aliases=aliases)
+    model = f"{version['name']}@{version['versionId']}"
+    registry.import_model_evaluation(model, metrics, display_name="validation")
+    print(f"Uploaded {model}" + (f" as a new version of {parent}" if parent else ""))
+    return {"model": model, "version_id": version["versionId"], "display_name": display_name, "parent_model": parent}
+
+
+if __name__ == "__main__":
+    fire.Fire(upload_model, serialize=lambda r: json.dumps(r))

@@ -1,0 +1,1 @@
+"""The KFP pipeline: definition (wiring only), compile, submit, schedule and an offline run."""
