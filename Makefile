@@ -7,6 +7,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 RUN         := PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY)
 CONFIG      ?= configs/local.yaml
+VERTEX_CONFIG ?= configs/vertex.yaml
 
 DATA_DIR    ?= data/sample
 BACKBONE    ?= models/backbone
@@ -53,9 +54,27 @@ explain: venv ## Explain a few validation images with the exported model; figure
 	$(RUN) -m trainer.samples --data_path='$(DATA_DIR)/validation/*.tfrec' --output_dir=$(RUN_DIR)/inputs --n=3
 	$(RUN) -m explain --model_dir=$(EXPORT_DIR) --output_dir=$(RUN_DIR)/explanations $(RUN_DIR)/inputs/*.jpg
 
-demo: ## The main job offline: sample data -> train -> export -> an explained prediction (figures in runs/demo)
-	$(MAKE) train export explain
-	@echo "Demo done: see $(RUN_DIR)/confusion_matrix.png and $(RUN_DIR)/explanations/"
+demo: data backbone ## The main job offline: sample data -> the whole local pipeline -> an explained prediction figure
+	$(RUN) -m pipeline.run_local --config $(CONFIG)
+	@echo "Demo done: the explained prediction is runs/pipeline/explained_prediction.png"
+
+compile: venv ## Write the pipeline spec for CONFIG to artifacts/flowers_pipeline.yaml
+	$(RUN) -m pipeline.compile --config $(CONFIG)
+
+pipeline-local: data backbone ## Run the whole pipeline offline with kfp.local (CONFIG, default configs/local.yaml)
+	$(RUN) -m pipeline.run_local --config $(CONFIG)
+
+pipeline: venv ## Submit the pipeline to Vertex AI Pipelines (VERTEX_CONFIG, default configs/vertex.yaml)
+	$(RUN) -m pipeline.run_vertex submit --config $(VERTEX_CONFIG)
+
+schedule: venv ## Create or update the retraining schedule on Vertex AI (ACTION=pause|resume to pause or resume it)
+	$(RUN) -m pipeline.run_vertex schedule --config $(VERTEX_CONFIG) $(if $(ACTION),--action $(ACTION))
+
+image: venv ## Build and push the components and serving images with Cloud Build (needs gcloud)
+	$(RUN) -m pipeline.image --config $(VERTEX_CONFIG)
+
+compat: venv ## Check the exported model (EXPORT_DIR) loads and answers under TF 2.15, the prediction runtime
+	$(RUN) -m pipeline.compat --model_dir $(EXPORT_DIR)
 
 serve: venv ## Serve the local registry's endpoints (Vertex REST API) on 127.0.0.1:PORT
 	$(RUN) -m serving --registry $(REGISTRY) --port $(PORT)
@@ -73,4 +92,4 @@ clean: ## Remove generated data, models, runs, builds and the virtual environmen
 	rm -rf data runs models artifacts outputs local_registry dist build *.egg-info .pytest_cache $(VENV) .venv-compat
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv lock data backbone train export explain demo serve serve-model test sdist clean
+.PHONY: help venv lock data backbone train export explain demo compile pipeline-local pipeline schedule image compat serve serve-model test bench sdist clean

@@ -14,10 +14,6 @@ from typing import Any
 
 import fire
 
-#: The ModelEvaluation schema our metrics are imported under (Vertex's classification schema).
-CLASSIFICATION_METRICS_SCHEMA = "gs://google-cloud-aiplatform/schema/modelevaluation/classification_metrics_1.0.0.yaml"
-
-
 def evaluate_export(export_dir: str, eval_data_path: str, batch_size: int = 64) -> dict[str, Any]:
     """Accuracy, loss, per-class precision/recall and confusion matrix of ``serving_default`` on the
     records' own image bytes: exactly what the endpoint will see."""

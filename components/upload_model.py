@@ -36,9 +36,7 @@ def upload_model(export_dir: str, display_name: str, metrics: dict | str, explan
     if backend == "vertex":
         from components import vertex
 
-        builtin = deploy_target == "builtin_explanations"
-        if builtin:
-            vertex.warn_builtin_explanations()
+        builtin = deploy_target == "builtin_explanations"  # vertex.upload_model warns about its end date
         uploaded = vertex.upload_model(
             display_name=display_name, artifact_uri=export_dir,
             explanation_metadata=metadata if builtin else None,
@@ -48,7 +46,7 @@ def upload_model(export_dir: str, display_name: str, metrics: dict | str, explan
             serving_container_env=None if builtin else {"EXPLANATION_PARAMETERS": json.dumps(parameters)},
             description="flowers classifier with explanations", project=project, location=location,
             api_endpoint=api_endpoint or None)
-        model = f"{uploaded['resource_name']}@{uploaded['version_id']}"
+        model = uploaded["versioned_resource_name"]
         vertex.import_evaluation(model, metrics, project=project, location=location, api_endpoint=api_endpoint or None)
         return {"model": model, "version_id": uploaded["version_id"], "display_name": display_name}
 

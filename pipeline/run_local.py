@@ -33,6 +33,23 @@ def run_local(cfg: Config, pipeline_root: str = "") -> str:
                       eval_data_path=os.path.abspath(cfg.data.eval_data_path),
                       hub_handle=cfg.training.hub_handle if "://" in cfg.training.hub_handle
                       else os.path.abspath(cfg.training.hub_handle))
+    return publish_explanation(root)
+
+
+def publish_explanation(root: str) -> str:
+    """Copy this run's explained prediction to ``root/explained_prediction.png`` (where the demo
+    says it is); when the gate stopped the run there is none, and a stale copy is removed."""
+    import glob
+    import shutil
+
+    runs = sorted(glob.glob(os.path.join(root, "*-*-*-*")), key=os.path.getmtime)
+    for name in ("explained_prediction.png", "explained_prediction.json"):
+        produced = os.path.join(runs[-1], "explain-smoke-op", name) if runs else ""
+        published = os.path.join(root, name)
+        if produced and os.path.exists(produced):
+            shutil.copy(produced, published)
+        elif os.path.exists(published):
+            os.remove(published)
     return root
 
 
