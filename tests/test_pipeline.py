@@ -17,7 +17,7 @@ STEPS = ["train-op", "export-signatures-op", "evaluate-op", "upload-model-op", "
 
 @pytest.mark.parametrize("override,message", [
     ("training.batch_size=big", "training.batch_size"),
-    ("training.bogus=1", "training.bogus"),
+    ("training.bogus=1", r"training: unknown field\(s\) \[.bogus.\]"),
     ("deploy.target=somewhere", "deploy.target"),
     ("explanation.parameters={integrated_gradients_attribution: {step_count: 500}}", "step_count"),
     ("schedule.cron=daily", "schedule.cron"),
@@ -94,12 +94,12 @@ def test_local_steps_add_versions_reuse_the_endpoint_and_retire_the_old(trained_
 
     registry = str(tmp_path / "registry")
     params = {"integrated_gradients_attribution": {"step_count": 20}}
-    first = evaluate(trained_model_dir, sample_data["eval_pattern"], 0.5, registry_dir=registry)
+    first = evaluate(trained_model_dir, sample_data["eval_pattern"], 0.5, model_display_name="flowers", registry_dir=registry)
     assert first["deploy"] and first["champion"] is None
     up1 = upload_model(trained_model_dir, "flowers", first["metrics"], params, registry_dir=registry)
     dep1 = deploy_model(up1["model"], "flowers-endpoint", registry_dir=registry)
 
-    second = evaluate(trained_model_dir, sample_data["eval_pattern"], 0.5, registry_dir=registry)
+    second = evaluate(trained_model_dir, sample_data["eval_pattern"], 0.5, model_display_name="flowers", registry_dir=registry)
     assert second["champion"]["accuracy"] == first["metrics"]["accuracy"]  # read back from the registry
     up2 = upload_model(trained_model_dir, "flowers", second["metrics"], params, registry_dir=registry)
     dep2 = deploy_model(up2["model"], "flowers-endpoint", registry_dir=registry)
@@ -116,7 +116,7 @@ def test_local_steps_add_versions_reuse_the_endpoint_and_retire_the_old(trained_
     assert version["explanationSpec"]["metadata"]["inputs"]["image"]["input_tensor_name"] == "numpy_inputs"
 
     # a stricter gate now refuses, naming why; the serving version keeps its traffic
-    third = evaluate(trained_model_dir, sample_data["eval_pattern"], 1.01, registry_dir=registry)
+    third = evaluate(trained_model_dir, sample_data["eval_pattern"], 1.01, model_display_name="flowers", registry_dir=registry)
     assert third["deploy"] is False and "below the threshold" in third["reason"]
 
 

@@ -63,7 +63,7 @@ def build_feature_network(image_size: tuple[int, int] = IMAGE_SIZE, feature_dim:
     return keras.Model(inputs, features, name="mobilenet_v2_mini")
 
 
-def build_local_backbone(output_dir: str, num_images: int = 800, epochs: int = 5, batch_size: int = 32,
+def build_local_backbone(output_dir: str, num_images: int = 640, epochs: int = 4, batch_size: int = 32,
                          image_size: tuple[int, int] = IMAGE_SIZE, feature_dim: int = 128,
                          seed: int = PRETRAIN_SEED, verbose: int = 2) -> str:
     """Pre-train the stand-in backbone on synthetic flowers and save it in TF Hub format.
@@ -92,7 +92,7 @@ def build_local_backbone(output_dir: str, num_images: int = 800, epochs: int = 5
     return output_dir
 
 
-def main(output_dir: str = "models/backbone", num_images: int = 800, epochs: int = 5, force: bool = False) -> str:
+def main(output_dir: str = "models/backbone", num_images: int = 640, epochs: int = 4, force: bool = False) -> str:
     """CLI: ``python -m trainer.backbone --output_dir=models/backbone``; skips work if it exists."""
     if not force and tf.io.gfile.exists(os.path.join(output_dir, "saved_model.pb")):
         print(f"Local backbone already at {output_dir}")
