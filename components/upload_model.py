@@ -30,7 +30,7 @@ def upload_model(export_dir: str, display_name: str, metrics: dict | str, explan
     metadata = read_explanation_metadata(export_dir)  # produced by the export step, never typed here
     parameters = as_dict(explanation_parameters)
     metrics = as_dict(metrics)
-    labels = as_dict(labels) if not isinstance(labels, dict) else labels
+    labels = as_dict(labels)
     aliases = [a for a in (version_aliases.split(",") if isinstance(version_aliases, str) else version_aliases) if a]
 
     if backend == "vertex":
