@@ -85,6 +85,9 @@ serve-model: venv ## Serve EXPORT_DIR alone behind every endpoint name on 127.0.
 test: venv ## Run the test suite
 	$(RUN) -m pytest
 
+bench: venv ## Run the benchmarks on this machine; writes BENCHMARKS.md, bench/results.json, bench/figures/
+	$(RUN) -m bench
+
 sdist: venv ## Build the trainer package as Vertex custom training wants it (dist/*.tar.gz)
 	$(PY) setup.py -q sdist --formats=gztar
 

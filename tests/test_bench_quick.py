@@ -1,0 +1,96 @@
+"""The benchmark suite: its measuring helpers on known inputs, the tutorial reference against our
+IG core, and ``python -m bench --quick`` end to end (a smoke test: timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+import numpy as np
+import pytest
+
+from bench.common import alternate, completeness_error
+from bench.quality import localization
+from bench.worker import COMPARISONS
+from bench.xrai_speed import top_area_iou
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_completeness_error_is_relative_to_the_output_difference():
+    attributions = np.full((2, 2, 2, 1), 0.1)  # sums to 0.4 per row
+    errors = completeness_error(attributions, f_input=np.array([0.9, 0.5]), f_baseline=np.array([0.5, 0.1]))
+    np.testing.assert_allclose(errors, [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(completeness_error(attributions[:1], np.array([0.7]), np.array([0.5])), [1.0])
+
+
+def test_alternate_rotates_the_order_and_counts_repeats():
+    calls = []
+    timings = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a"]
+    assert [len(t.seconds) for t in timings.values()] == [2, 2]
+
+
+def test_top_area_iou_and_localization_on_known_maps():
+    a = np.zeros((10, 10))
+    a[:2] = 1.0  # top 20% = first two rows
+    assert top_area_iou(a, a, 0.2) == pytest.approx(1.0)
+    assert top_area_iou(a, a[::-1], 0.2) == pytest.approx(0.0)
+    mask = np.zeros((1, 40, 40), bool)
+    mask[0, :10, :10] = True
+    inside = np.zeros((1, 40, 40))
+    inside[0, 2, 2] = 1.0
+    outside = np.zeros((1, 40, 40))
+    outside[0, 39, 39] = 1.0
+    shares, hits = localization(inside, mask)
+    assert shares[0] == pytest.approx(1.0) and hits[0] == 1.0
+    shares, hits = localization(outside, mask)
+    assert shares[0] == pytest.approx(0.0) and hits[0] == 0.0
+
+
+def test_tutorial_reference_matches_our_trapezoid_rule(exported_model_dir):
+    """The tutorial copy and our core with its rule compute the same sum (the step search relies on it)."""
+    from bench.common import SignatureModel
+    from bench.reference_ig import make_integrated_gradients
+    from explain import load_explainable_model
+    from explain.integrated_gradients import IntegratedGradients
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (1, 192, 192, 3)).astype(np.float32)
+    baseline = np.zeros_like(image)
+    tutorial = make_integrated_gradients(SignatureModel(exported_model_dir))(baseline[0], image[0], 2, m_steps=5)
+    ours = IntegratedGradients().GetMask(image, baseline, np.array([2]), load_explainable_model(exported_model_dir),
+                                         step_count=6, quadrature="riemann_trapezoid").attributions[0]
+    np.testing.assert_allclose(tutorial.numpy(), ours, rtol=1e-3, atol=1e-7)
+
+
+#: Every comparison in the smoke test takes ~6 minutes on 2 shared cores; by default two of them run
+#: (the runner, worker processes, cached inputs and report are all exercised); BENCH_SMOKE_ALL=1 runs all.
+SMOKE = list(COMPARISONS) if os.environ.get("BENCH_SMOKE_ALL") == "1" else ["ig_speed", "training"]
+
+
+def test_quick_bench_writes_its_comparisons(tmp_path):
+    """``python -m bench --quick`` runs the comparisons and writes the report, JSON and figures."""
+    report = tmp_path / "BENCHMARKS.md"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", *SMOKE, "--output_dir",
+                           str(tmp_path), "--report", str(report)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["comparisons"]) == set(SMOKE)
+    for name, result in results["comparisons"].items():
+        assert "error" not in result, (name, result)
+        assert result["tables"] and all(t["rows"] for t in result["tables"]), name
+        for figure in result.get("figures", []):
+            assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n", figure
+    text = report.read_text()
+    assert "## Machine" in text and "## Reproduce" in text and "## Headline figures" in text
+    for result in results["comparisons"].values():
+        assert result["title"] in text
+    ig = results["comparisons"]["ig_speed"]["raw"]["timings"]
+    assert all(errors for t in ig.values() for errors in t["errors"].values())
