@@ -18,6 +18,8 @@ NUM_EVAL    ?= 150
 EPOCHS      ?= 15
 REGISTRY    ?= local_registry
 PORT        ?= 8080
+IMAGES      ?=
+OUT         ?= data/converted
 
 help: ## List every target with what it does
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -38,6 +40,10 @@ lock: ## Re-resolve requirements.in into requirements.lock (needs the network)
 
 data: venv ## Write the synthetic sample flowers (TFRecords + masks + samples.png) to DATA_DIR
 	$(RUN) -m trainer.synthetic --output_dir=$(DATA_DIR) --num_train=$(NUM_TRAIN) --num_eval=$(NUM_EVAL) --seed=42
+
+convert: venv ## Convert an image folder (IMAGES=dir with one sub-folder per class) to TFRecords in OUT
+	@test -n "$(IMAGES)" || { echo "Set IMAGES to a folder with one sub-folder per class, e.g. make convert IMAGES=flower_photos"; exit 2; }
+	$(RUN) -m trainer.convert --input_dir='$(IMAGES)' --output_dir='$(OUT)' --seed=42
 
 backbone: venv ## Build the offline stand-in for the TF Hub MobileNetV2 feature extractor
 	$(RUN) -m trainer.backbone --output_dir=$(BACKBONE)
