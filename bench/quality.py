@@ -1,7 +1,8 @@
 """Explanation quality on the synthetic flowers, where the object's mask is known.
 
 * Completeness: the approximation-error distribution over validation images, per quadrature
-  rule (ours: Gauss-Legendre; ``saliency``'s Riemann sum; the tutorial's trapezoid) and steps.
+  rule (ours: the midpoint default and Gauss-Legendre; ``saliency``'s Riemann sum; the tutorial's
+  trapezoid) and steps.
 * Localization, for IG, XRAI, SmoothGrad-IG and plain gradients: the share of positive
   attribution inside the flower's mask, and the pointing-game hit rate (the map's maximum lies
   within 15 pixels of the mask; Zhang et al. 2016). The mask's share of the image is what a map
@@ -24,10 +25,11 @@ import numpy as np
 from bench.common import SignatureModel, load_eval_set, table
 from bench.fixtures import Assets
 from bench.profiles import Profile
+from explain.quadrature import DEFAULT_QUADRATURE
 
 METHODS = ("IG", "XRAI", "SmoothGrad-IG", "Gradients")
-RULES = {"ours (Gauss-Legendre)": "gauss_legendre", "saliency (Riemann)": "riemann_linspace",
-         "tutorial (trapezoid)": "riemann_trapezoid"}
+RULES = {"ours (midpoint, default)": "riemann_middle", "ours (Gauss-Legendre)": "gauss_legendre",
+         "saliency (Riemann)": "riemann_linspace", "tutorial (trapezoid)": "riemann_trapezoid"}
 POINTING_TOLERANCE = 15
 
 
@@ -75,6 +77,17 @@ def localization(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.array(shares), np.array(hits)
 
 
+def _pic_skip_reason(message: str, metric: str) -> str:
+    """``saliency.metrics.pic`` skips an image for one of three reasons; name it in a few words."""
+    if "min_pred_value" in message:
+        return "original scored below 0.5"
+    if "entropy" in message:
+        return "blurred image not simpler (entropy)"
+    if metric == "AIC":
+        return "fully blurred image still classified correctly"
+    return "fully blurred image scored as high"
+
+
 def pic_scores(images: np.ndarray, maps: np.ndarray, classes: np.ndarray, model: SignatureModel,
                thresholds: tuple[float, ...], seed: int) -> dict:
     """SIC and AIC (AUC of the median-aggregated curves) and the curves, via ``saliency.metrics``."""
@@ -82,7 +95,7 @@ def pic_scores(images: np.ndarray, maps: np.ndarray, classes: np.ndarray, model:
 
     out = {}
     for metric in ("SIC", "AIC"):
-        results, skipped = [], 0
+        results, reasons = [], {}
         for img, m, c in zip(images, maps, classes):
             np.random.seed(seed)  # pic.generate_random_mask draws from NumPy's global generator
             random_mask = pic.generate_random_mask(*img.shape[:2], fraction=0.01)
@@ -96,14 +109,17 @@ def pic_scores(images: np.ndarray, maps: np.ndarray, classes: np.ndarray, model:
                 results.append(pic.compute_pic_metric(img8, m, random_mask, pred, list(thresholds),
                                                       min_pred_value=0.5, keep_monotonous=True,
                                                       num_data_points=100))
-            except pic.ComputePicMetricError:
-                skipped += 1
+            except pic.ComputePicMetricError as exc:
+                reason = _pic_skip_reason(str(exc), metric)
+                reasons[reason] = reasons.get(reason, 0) + 1
+        skipped = sum(reasons.values())
         if results:
             agg = pic.aggregate_individual_pic_results(results, method="median")
             out[metric] = {"auc": float(agg.auc), "x": list(agg.curve_x), "y": list(agg.curve_y),
-                           "images": len(results), "skipped": skipped}
+                           "images": len(results), "skipped": skipped, "skip_reasons": reasons}
         else:
-            out[metric] = {"auc": float("nan"), "x": [], "y": [], "images": 0, "skipped": skipped}
+            out[metric] = {"auc": float("nan"), "x": [], "y": [], "images": 0, "skipped": skipped,
+                           "skip_reasons": reasons}
     return out
 
 
@@ -163,7 +179,12 @@ def _figures(figures_dir: str, data, maps, completeness, pics) -> list[str]:
         ax.set_title(f"{metric} (median curve, AUC)")
         ax.set_xlabel("normalized estimation of entropy")
         ax.set_ylabel("normalized " + ("softmax" if metric == "SIC" else "accuracy"))
-        ax.legend(fontsize=8)
+        if any(result[metric]["x"] for result in pics.values()):
+            ax.legend(fontsize=8)
+        else:  # say why the panel is empty instead of leaving a blank plot
+            reasons = sorted({k for result in pics.values() for k in result[metric]["skip_reasons"]})
+            ax.text(0.5, 0.5, "undefined: every image was skipped\n(" + "; ".join(reasons) + ")",
+                    ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
     fig.tight_layout()
     paths.append(os.path.join(figures_dir, "pic_curves.png"))
     fig.savefig(paths[-1], dpi=110)
@@ -207,7 +228,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         for steps in profile.quality_steps:
             out = IntegratedGradients().GetMask(data.images, black, classes, ours, step_count=steps, quadrature=rule)
             completeness.setdefault(name, {})[steps] = [float(e) for e in out.approximation_errors]
-            if rule == "gauss_legendre" and steps == profile.quality_ig_steps:
+            if rule == DEFAULT_QUADRATURE and steps == profile.quality_ig_steps:
                 black_ig = out.attributions
     completeness_rows = [[name, steps, float(np.median(e)), float(np.percentile(e, 90)), float(np.max(e)),
                           float(np.mean(np.array(e) <= 0.05))]
@@ -233,7 +254,10 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
                              profile.pic_thresholds, profile.seed) for name in METHODS}
     pics["random map"] = pic_scores(data.images[:n_pic], random_maps[:n_pic], classes[:n_pic], signature,
                                     profile.pic_thresholds, profile.seed)
-    pic_rows = [[name, r["SIC"]["auc"], r["AIC"]["auc"], r["SIC"]["images"], r["SIC"]["skipped"] + 0]
+    pic_rows = [[name] + [x for metric in ("SIC", "AIC") for x in (r[metric]["auc"], r[metric]["images"],
+                                                                   r[metric]["skipped"])]
+                + ["; ".join(sorted({f"{m}: {k} ({n})" for m in ("SIC", "AIC")
+                                     for k, n in r[m]["skip_reasons"].items()})) or "-"]
                 for name, r in pics.items()]
 
     print("[quality] sanity check (randomized weights)", flush=True)
@@ -253,12 +277,14 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     return {
         "title": "Explanation quality",
         "description": (f"{len(data.images)} synthetic validation images with known flower masks, explaining the "
-                        f"class the trained model predicts. IG: ours, {profile.quality_ig_steps} Gauss-Legendre "
+                        f"class the trained model predicts. IG: ours, {profile.quality_ig_steps} midpoint-rule "
                         f"steps, black baseline. XRAI: ours, from IG averaged over black and white baselines. "
                         f"SmoothGrad-IG: {profile.smoothgrad_samples} noisy samples (sigma "
                         f"{profile.smoothgrad_sigma}) x {profile.smoothgrad_steps} steps. Gradients: d "
                         f"probability / d pixels. PIC on the first {n_pic} images, thresholds "
-                        f"{list(profile.pic_thresholds)}. Maps are summed over colour channels. The mask covers "
+                        f"{list(profile.pic_thresholds)}; PIC skips an image whose fully blurred version (1% of pixels kept) "
+                        f"the model already scores as high as the original (for AIC: still classifies correctly), "
+                        f"so an AUC of n/a means no image left a curve to measure. Maps are summed over colour channels. The mask covers "
                         f"{np.mean(mask_share):.1%} of an image on average."),
         "tables": [
             table("Completeness: approximation error over the images",
@@ -266,7 +292,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
             table("Localization on the flower mask", ["method", "positive attribution inside mask",
                                                       "pointing-game hit rate"], loc_rows),
             table("Performance Information Curves (saliency.metrics PIC; higher is better)",
-                  ["method", "SIC AUC", "AIC AUC", "images used", "images skipped"], pic_rows),
+                  ["method", "SIC AUC", "SIC images", "SIC skipped", "AIC AUC", "AIC images", "AIC skipped",
+                   "why skipped"], pic_rows),
             table("Sanity check: Spearman rank correlation of |attribution|, trained vs randomized weights "
                   "(low = passes)", ["method", "median", "max", "images"], sanity_rows),
         ],
@@ -275,6 +302,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
                      "XRAI: positive attribution inside the mask": xrai_share,
                      "mask share of the image (chance level)": float(np.mean(mask_share))},
         "raw": {"completeness": completeness, "localization": localization_raw, "mask_share": mask_share.tolist(),
-                "pic": {k: {m: {"auc": v[m]["auc"], "images": v[m]["images"]} for m in v} for k, v in pics.items()},
+                "pic": {k: {m: {key: v[m][key] for key in ("auc", "images", "skipped", "skip_reasons")} for m in v}
+                        for k, v in pics.items()},
                 "sanity": sanity_raw},
     }

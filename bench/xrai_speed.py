@@ -72,7 +72,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         "title": "2. XRAI per image",
         "description": (f"{len(data.images)} validation images, explaining the predicted class. Ours: "
                         f"`explain_images` with `xrai_attribution.step_count={profile.xrai_steps}` "
-                        f"(Gauss-Legendre IG from black and white baselines in batched calls, then "
+                        f"(IG (midpoint rule) from black and white baselines in batched calls, then "
                         f"`saliency`'s region ranking), including its Vertex-style JPEG rendering. "
                         f"Reference: `saliency.core.XRAI().GetMask` with its defaults (IG with 100 steps from "
                         f"the image's min and max value baselines, `batch_size=1`)."),

@@ -23,7 +23,7 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
     Args:
       method: ig (Integrated Gradients) or xrai.
       step_count: path steps (Vertex range 1..100).
-      quadrature: extension: gauss_legendre (default), riemann_trapezoid, riemann_right, ...
+      quadrature: extension: riemann_middle (default), gauss_legendre (smooth activations), riemann_trapezoid, ...
       target_error: extension: adaptive steps until the approximation error is below this.
       top_k: classes explained per image (figures show the first).
     """

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from explain.paths import LINEAR, path_points
-from explain.quadrature import quadrature_rule
+from explain.quadrature import DEFAULT_QUADRATURE, quadrature_rule
 
 #: Nodes per panel in adaptive mode: few, so a split adds few evaluations where needed.
 PANEL_NODES = 4
@@ -107,7 +107,7 @@ class IntegratedGradients:
     error is below ``target_error``."""
 
     def GetMask(self, x_values: np.ndarray, baselines: np.ndarray, class_indices: np.ndarray,
-                model: PathModel, step_count: int = 50, quadrature: str = "gauss_legendre",
+                model: PathModel, step_count: int = 50, quadrature: str = DEFAULT_QUADRATURE,
                 target_error: float | None = None, max_step_count: int = 400, path: str = LINEAR,
                 max_blur_sigma: float = 0.0, end_outputs: tuple[np.ndarray, np.ndarray] | None = None,
                 ) -> IntegratedGradientsOutput:

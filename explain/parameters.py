@@ -10,7 +10,8 @@ Our extensions (NOT Vertex fields) live in the method dict beside ``step_count``
 :data:`EXTENSION_KEYS`; :func:`vertex_parameters` strips them before a dict is sent to Vertex:
 
 - ``quadrature``: the rule that approximates the path integral (:mod:`explain.quadrature`),
-  default ``gauss_legendre``; Vertex does not say which rule it uses.
+  default ``riemann_middle`` (the midpoint rule; why: :mod:`explain.quadrature`), or
+  ``gauss_legendre`` for networks with smooth activations; Vertex does not say which rule it uses.
 - ``target_error``: adaptive mode; steps are added where the path needs them until the
   approximation error is below this value (or ``max_step_count`` is reached).
 - ``max_step_count``: the cap on steps per path in adaptive mode (default 400).
@@ -29,14 +30,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from explain.quadrature import QUADRATURE_RULES
+from explain.quadrature import DEFAULT_QUADRATURE, QUADRATURE_RULES
 
 # Vertex's documented ranges.
 MIN_STEP_COUNT, MAX_STEP_COUNT = 1, 100
 MIN_NOISY_SAMPLE_COUNT, MAX_NOISY_SAMPLE_COUNT = 1, 50
 DEFAULT_NOISY_SAMPLE_COUNT = 3
 
-DEFAULT_QUADRATURE = "gauss_legendre"
 DEFAULT_MAX_ADAPTIVE_STEPS = 400
 NAMED_BASELINES = ("black", "white", "random", "blurred")
 BLUR_PATHS = ("scale_space", "linear")

@@ -49,7 +49,7 @@ def test_completeness_at_default_steps_on_exported_model(tiny_model, images):
         assert abs(raw.sum() - delta) <= 0.05 * abs(delta) + 1e-6  # the reported error is the real one
 
 
-def test_gauss_legendre_beats_riemann_at_equal_steps(saturating_model, images):
+def test_gauss_legendre_beats_riemann_at_equal_steps_on_a_smooth_model(saturating_model, images):
     x, b, classes = _paths(saturating_model, images)
     ig = IntegratedGradients()
     errors = {q: ig.GetMask(x, b, classes, saturating_model, step_count=16, quadrature=q).approximation_errors

@@ -44,7 +44,7 @@ def test_snake_and_camel_case_parse_alike():
     assert config == parse_explanation_parameters(camel)
     assert config.method == "xrai" and config.top_k == 3 and config.output_indices == (1, 4)
     assert config.attribution.smooth_grad.sigma_for("image") == 0.2
-    assert config.attribution.quadrature == "gauss_legendre"  # our default, not Riemann
+    assert config.attribution.quadrature == "riemann_middle"  # our default: the midpoint rule
 
 
 def test_vertex_defaults_and_extensions_are_stripped_for_vertex():
