@@ -50,7 +50,8 @@ def _order(tasks: dict) -> list[str]:
 
 
 def test_compiled_spec_wires_the_steps_the_gate_and_the_defaults(tmp_path):
-    spec = _compile("configs/local.yaml", tmp_path, ["gate.min_accuracy=0.9", "training.num_epochs=7"])
+    spec = _compile("configs/local.yaml", tmp_path, ["gate.min_accuracy=0.9", "training.num_epochs=7",
+                                                     "explanation.parameters={xrai_attribution: {step_count: 20}}"])
     tasks = spec["root"]["dag"]["tasks"]
     assert _order(tasks) == STEPS
     upload_inputs = tasks["upload-model-op"]["inputs"]["parameters"]
@@ -61,8 +62,7 @@ def test_compiled_spec_wires_the_steps_the_gate_and_the_defaults(tmp_path):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["min_accuracy"]["defaultValue"] == 0.9
     assert params["num_epochs"]["defaultValue"] == 7
-    assert json.loads(params["explanation_parameters"]["defaultValue"]) == {
-        "integrated_gradients_attribution": {"step_count": 50}}
+    assert json.loads(params["explanation_parameters"]["defaultValue"]) == {"xrai_attribution": {"step_count": 20}}
     assert params["backend"]["defaultValue"] == "local"
 
 
