@@ -55,7 +55,7 @@ class Profile:
     smoothgrad_steps: int = 16
     smoothgrad_sigma: float = 0.1
     #: PIC re-interpolates the image (scipy griddata) at every threshold: seconds each, so few
-    pic_images: int = 6
+    pic_images: int = 12
     pic_thresholds: tuple[float, ...] = (0.01, 0.03, 0.05, 0.10, 0.21, 0.5, 0.75)
     seed: int = 42
 

@@ -66,6 +66,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         "tables": [table("Wall-clock seconds and final validation accuracy",
                          ["pipeline", "seconds", "validation accuracy"], rows)],
         "headline": {"training speed-up vs the lab's pipeline": summary["lab"]["seconds"] / summary["ours"]["seconds"],
-                     "validation accuracy, ours minus lab": summary["ours"]["accuracy"] - summary["lab"]["accuracy"]},
+                     "validation accuracy, ours minus lab":
+                         round(summary["ours"]["accuracy"] - summary["lab"]["accuracy"], 4)},
         "raw": results,
     }

@@ -104,7 +104,8 @@ def _nearest_centroid_accuracy(x: np.ndarray, y: np.ndarray, n_train: int) -> fl
 
 
 def test_the_class_is_in_the_flower_not_in_the_background():
-    """A colour-histogram classifier is near perfect on flower pixels and at chance on the rest."""
+    """A colour-histogram classifier does well on flower pixels and is at chance on the rest; on the
+    flower it still misses many roses and tulips, which share their colours, so shape decides those."""
     rng = np.random.default_rng(7)
     labels = np.arange(250) % len(CLASSES)
     rng.shuffle(labels)
@@ -112,9 +113,18 @@ def test_the_class_is_in_the_flower_not_in_the_background():
     images, masks = np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples])
     flower = _nearest_centroid_accuracy(_colour_histograms(images, masks, "flower"), labels, 150)
     background = _nearest_centroid_accuracy(_colour_histograms(images, masks, "background"), labels, 150)
-    print(f"colour-histogram accuracy: flower pixels {flower:.2f}, background pixels {background:.2f}")
-    assert flower >= 0.85, flower
+    shared = np.isin(labels, [CLASSES.index("roses"), CLASSES.index("tulips")])
+    pair = _colour_histograms(images[shared], masks[shared], "flower")
+    is_rose = labels[shared] == CLASSES.index("roses")
+    n_train = int(shared[:150].sum())
+    centroids = np.stack([pair[:n_train][is_rose[:n_train] == k].mean(axis=0) for k in (True, False)])
+    nearest_is_rose = ((pair[n_train:, None, :] - centroids[None]) ** 2).sum(-1).argmin(axis=1) == 0
+    bloom = float((nearest_is_rose == is_rose[n_train:]).mean())
+    print(f"colour-histogram accuracy: flower pixels {flower:.2f}, background pixels {background:.2f}, "
+          f"roses vs tulips {bloom:.2f}")
+    assert flower >= 0.7, flower
     assert background <= 0.4, background  # chance is 0.2
+    assert bloom <= 0.85, bloom  # colour alone does not tell roses from tulips (chance is 0.5)
 
 
 def test_cli_writes_data_and_sample_grid(tmp_path):

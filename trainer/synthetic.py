@@ -40,6 +40,12 @@ def _jitter(rng: np.random.Generator, colour: RGB, amount: int = 15) -> RGB:
     return int(shifted[0]), int(shifted[1]), int(shifted[2])
 
 
+#: Roses and tulips come in the same reds, pinks and oranges, as real ones do, so that only the
+#: bloom's shape tells them apart: a model (and an explanation) must look at the flower, not a
+#: colour blob, and PIC's accuracy curve stays defined (a blurred rose is no longer a rose).
+SHARED_BLOOM_COLOURS: tuple[RGB, ...] = ((200, 25, 40), (170, 15, 60), (225, 70, 150), (245, 115, 40))
+
+
 def _clutter_colour(rng: np.random.Generator) -> RGB:
     """A colour of any hue pulled halfway to grey: THE one colour distribution of every background
     element, whatever the class. Muted so that a saturated red wall is not as much a rose as the
@@ -126,8 +132,9 @@ def _dandelion(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, rng: n
 
 
 def _roses(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
-    """Layers of round red-to-crimson petals, each layer smaller, darker and turned further: a spiral."""
-    colour = _jitter(rng, [(200, 25, 40), (170, 15, 60)][int(rng.integers(0, 2))], 18)
+    """Layers of round petals (red, crimson, pink or orange), each layer smaller, darker and turned
+    further: a spiral."""
+    colour = _jitter(rng, SHARED_BLOOM_COLOURS[int(rng.integers(0, len(SHARED_BLOOM_COLOURS)))], 18)
     phase = rng.uniform(0, 2 * math.pi)
     for layer in range(4):
         rr = r * (1.0 - layer * 0.22)
@@ -144,7 +151,7 @@ def _sunflowers(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, rng: 
 
 
 def _tulips(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
-    """A cup-shaped pink, purple or orange bloom on a green stem with a leaf, slightly tilted."""
+    """A cup-shaped bloom (red, crimson, pink, orange or purple) on a green stem with a leaf, tilted."""
     tilt = rng.uniform(-0.35, 0.35)
     green = _jitter(rng, (45, 145, 45))
     stem = _rotate([(cx, cy + r * 0.3), (cx + rng.uniform(-0.1, 0.1) * r, cy + r * 1.7)], cx, cy, tilt)
@@ -153,7 +160,8 @@ def _tulips(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, rng: np.r
     leaf = [(cx, cy + r * 1.6), (cx + side * r * 0.55, cy + r * 0.9), (cx + side * r * 0.7, cy + r * 0.55),
             (cx + side * r * 0.2, cy + r * 1.2)]
     draw.polygon(_rotate(leaf, cx, cy, tilt), fill=_jitter(rng, green, 10))
-    colour = _jitter(rng, [(225, 70, 150), (150, 55, 200), (245, 115, 40)][int(rng.integers(0, 3))], 15)
+    palette = SHARED_BLOOM_COLOURS + ((150, 55, 200),)  # purple: tulips only
+    colour = _jitter(rng, palette[int(rng.integers(0, len(palette)))], 15)
     cup = [(-0.7, -0.65), (-0.35, -0.2), (0.0, -0.8), (0.35, -0.2), (0.7, -0.65), (0.62, 0.2),
            (0.3, 0.5), (-0.3, 0.5), (-0.62, 0.2)]
     draw.polygon(_rotate([(cx + x * r, cy + y * r) for x, y in cup], cx, cy, tilt), fill=colour)
