@@ -36,8 +36,8 @@ def test_xrai_top_regions_cover_the_flower(trained_model_dir, sample_data):
     clearly more often than the flower's share of the image. Region-level, not a pointing game:
     every pixel of a region shares one value, so an argmax picks an arbitrary pixel of it."""
     model = load_explainable_model(trained_model_dir)
-    images, _ = take_numpy(sample_data["eval_pattern"], 4)
-    masks = load_masks(sample_data["eval_pattern"], 4)
+    images, _ = take_numpy(sample_data["eval_pattern"], 6)
+    masks = load_masks(sample_data["eval_pattern"], 6)
     explanations = explain_images(model, images, {"xrai_attribution": {"step_count": 16}}, return_raw=True)
     lifts = []
     for explanation, mask in zip(explanations, masks):
