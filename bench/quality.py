@@ -112,14 +112,11 @@ def pic_scores(images: np.ndarray, maps: np.ndarray, classes: np.ndarray, model:
             except pic.ComputePicMetricError as exc:
                 reason = _pic_skip_reason(str(exc), metric)
                 reasons[reason] = reasons.get(reason, 0) + 1
-        skipped = sum(reasons.values())
+        out[metric] = {"auc": float("nan"), "x": [], "y": [], "images": len(results),
+                       "skipped": sum(reasons.values()), "skip_reasons": reasons}
         if results:
             agg = pic.aggregate_individual_pic_results(results, method="median")
-            out[metric] = {"auc": float(agg.auc), "x": list(agg.curve_x), "y": list(agg.curve_y),
-                           "images": len(results), "skipped": skipped, "skip_reasons": reasons}
-        else:
-            out[metric] = {"auc": float("nan"), "x": [], "y": [], "images": 0, "skipped": skipped,
-                           "skip_reasons": reasons}
+            out[metric].update(auc=float(agg.auc), x=list(agg.curve_x), y=list(agg.curve_y))
     return out
 
 
@@ -282,10 +279,11 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
                         f"SmoothGrad-IG: {profile.smoothgrad_samples} noisy samples (sigma "
                         f"{profile.smoothgrad_sigma}) x {profile.smoothgrad_steps} steps. Gradients: d "
                         f"probability / d pixels. PIC on the first {n_pic} images, thresholds "
-                        f"{list(profile.pic_thresholds)}; PIC skips an image whose fully blurred version (1% of pixels kept) "
-                        f"the model already scores as high as the original (for AIC: still classifies correctly), "
-                        f"so an AUC of n/a means no image left a curve to measure. Maps are summed over colour channels. The mask covers "
-                        f"{np.mean(mask_share):.1%} of an image on average."),
+                        f"{list(profile.pic_thresholds)}; PIC skips an image whose fully blurred version (1% of "
+                        f"pixels kept) the model already scores as high as the original (for AIC: still "
+                        f"classifies correctly), so an AUC of n/a means no image left a curve to measure. Maps "
+                        f"are summed over colour channels. The mask covers {np.mean(mask_share):.1%} of an image "
+                        f"on average."),
         "tables": [
             table("Completeness: approximation error over the images",
                   ["rule", "steps", "median", "90th percentile", "max", "share <= 5%"], completeness_rows),

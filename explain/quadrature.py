@@ -9,9 +9,9 @@ With ReLU-family activations (MobileNetV2's ReLU6) it jumps at every unit's kink
 converges only as 1/n, and Gauss-Legendre, whose nodes crowd the ends and leave the middle
 sparse, does worst. Measured on two trained flowers classifiers, 24 validation images each, at
 16, 32, 50 and 64 steps: Gauss-Legendre had the highest median completeness error in 6 of the 8
-cases and never the lowest; the midpoint rule, the trapezoid and ``saliency``'s sum were within noise of each other,
-the midpoint rule lowest at 50 steps (Vertex's usual count) on both (median 0.023 and 0.024;
-Gauss-Legendre 0.035 and 0.071). So the midpoint rule is the default, and what beats the plain
+cases and never the lowest; the midpoint rule, the trapezoid and ``saliency``'s sum were within
+noise of each other, the midpoint rule lowest at 50 steps (Vertex's usual count) on both (median
+0.023 and 0.024; Gauss-Legendre 0.035 and 0.071). So the midpoint rule is the default, and what beats the plain
 Riemann sum on such networks is the adaptive mode (:mod:`explain.integrated_gradients`), which
 puts the steps where the output changes. Every rule returns nodes in [0, 1] and weights summing
 to 1, so callers never special-case a rule.

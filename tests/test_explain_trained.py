@@ -6,15 +6,21 @@ from __future__ import annotations
 import trainer  # noqa: F401
 
 import numpy as np
+import pytest
 
 from explain import explain_images, load_explainable_model
 from trainer.data import load_masks, take_numpy
 
 
-def test_ig_is_complete_and_points_at_the_flower(trained_model_dir, sample_data):
-    model = load_explainable_model(trained_model_dir)
-    images, _ = take_numpy(sample_data["eval_pattern"], 6)
-    masks = load_masks(sample_data["eval_pattern"], 6)
+@pytest.fixture(scope="module")
+def model_images_masks(trained_model_dir, sample_data):
+    """The trained model, loaded once, and the first six validation images with their masks."""
+    return (load_explainable_model(trained_model_dir), take_numpy(sample_data["eval_pattern"], 6)[0],
+            load_masks(sample_data["eval_pattern"], 6))
+
+
+def test_ig_is_complete_and_points_at_the_flower(model_images_masks):
+    model, images, masks = model_images_masks
     explanations = explain_images(model, images, {"integrated_gradients_attribution": {"step_count": 50}},
                                   return_raw=True)
     errors, inside, chance = [], [], []
@@ -31,13 +37,11 @@ def test_ig_is_complete_and_points_at_the_flower(trained_model_dir, sample_data)
     assert np.median(lifts) > 1.25, (inside, chance)
 
 
-def test_xrai_top_regions_cover_the_flower(trained_model_dir, sample_data):
+def test_xrai_top_regions_cover_the_flower(model_images_masks):
     """XRAI's most important regions (the top 20% of the image by its ranking) lie on the flower
     clearly more often than the flower's share of the image. Region-level, not a pointing game:
     every pixel of a region shares one value, so an argmax picks an arbitrary pixel of it."""
-    model = load_explainable_model(trained_model_dir)
-    images, _ = take_numpy(sample_data["eval_pattern"], 6)
-    masks = load_masks(sample_data["eval_pattern"], 6)
+    model, images, masks = model_images_masks
     explanations = explain_images(model, images, {"xrai_attribution": {"step_count": 16}}, return_raw=True)
     lifts = []
     for explanation, mask in zip(explanations, masks):
