@@ -20,6 +20,8 @@ REGISTRY    ?= local_registry
 PORT        ?= 8080
 IMAGES      ?=
 OUT         ?= data/converted
+INPUT       ?= $(DATA_DIR)/validation/*.tfrec
+OUTPUT      ?= $(RUN_DIR)/batch_explanations
 
 help: ## List every target with what it does
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -59,6 +61,9 @@ export: venv ## Export RUN_DIR's model with serving_default, xai_preprocess and 
 explain: venv ## Explain a few validation images with the exported model; figures in RUN_DIR/explanations
 	$(RUN) -m trainer.samples --data_path='$(DATA_DIR)/validation/*.tfrec' --output_dir=$(RUN_DIR)/inputs --n=3
 	$(RUN) -m explain --model_dir=$(EXPORT_DIR) --output_dir=$(RUN_DIR)/explanations $(RUN_DIR)/inputs/*.jpg
+
+batch-explain: venv ## Explain every instance of INPUT (folder, glob, TFRecords or JSONL; local or gs://) into OUTPUT in Vertex's batch-prediction layout; rerun to resume
+	$(RUN) -m explain.batch --input='$(INPUT)' --output_dir='$(OUTPUT)' --model_dir=$(EXPORT_DIR)
 
 demo: data backbone ## The main job offline: sample data -> the whole local pipeline -> an explained prediction figure
 	$(RUN) -m pipeline.run_local --config $(CONFIG)
@@ -101,4 +106,4 @@ clean: ## Remove generated data, models, runs, builds and the virtual environmen
 	rm -rf data runs models artifacts outputs local_registry dist build *.egg-info .pytest_cache $(VENV) .venv-compat
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv lock data backbone train export explain demo compile pipeline-local pipeline schedule image compat serve serve-model test bench sdist clean
+.PHONY: help venv lock data backbone train export explain batch-explain demo compile pipeline-local pipeline schedule image compat serve serve-model test bench sdist clean
