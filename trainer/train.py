@@ -5,6 +5,12 @@ Runs unchanged as a Vertex AI custom training job (``python -m trainer.train ...
 its features do not change during training, so they are computed once and the softmax head is
 trained on the cached vectors: the same model, many times less work per epoch. The full image
 model is then assembled from the backbone and the trained head and evaluated on images.
+
+With a cluster (``TF_CONFIG``, or Vertex's ``CLUSTER_SPEC`` for a custom job with several replicas)
+it trains one model across the workers with ``MultiWorkerMirroredStrategy`` (``MirroredStrategy``
+across the GPUs of one machine): each worker caches the backbone features of its own shard of the
+training records, gradients are all-reduced, and only the chief evaluates and writes checkpoints,
+metrics and the model (:mod:`trainer.distribute`). Without one, nothing changes: no strategy.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer.data import count_records, list_files, load_dataset, validate_files
+from trainer.data import count_records, list_files, load_dataset, parse_example, validate_files
+from trainer.distribute import Cluster, make_strategy, read_cluster, write_dir
 from trainer.model import MOBILENET_V2_HANDLE, assemble, build_feature_extractor, build_head, build_model, compile_model
 from trainer.schema import CLASSES, IMAGE_SIZE
 
@@ -128,6 +135,8 @@ def train_and_evaluate(train_data_path: str, eval_data_path: str, output_dir: st
     for name, value in [("batch_size", batch_size), ("num_epochs", num_epochs)]:
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    cluster = read_cluster()
+    strategy = make_strategy(cluster)  # first: collective ops must be set up before other TF work
     set_determinism(seed)
 
     # Fail in seconds on bad data, not after hours of training.
@@ -151,7 +160,15 @@ def train_and_evaluate(train_data_path: str, eval_data_path: str, output_dir: st
     ]
 
     started = time.perf_counter()
-    if fine_tune_layers == 0 and cache_features:
+    if strategy is not None:
+        model, history = _fit_distributed(strategy, cluster, train_data_path, train_ds, class_names, size,
+                                          hub_handle, batch_size, num_epochs, steps_per_epoch, learning_rate,
+                                          fine_tune_layers, cache_features, seed, output_dir, verbose)
+        if model is None:  # a worker: the chief evaluates and writes
+            return {"accuracy": float(history.history["accuracy"][-1]), "loss": float(history.history["loss"][-1]),
+                    "num_examples": 0, "train_seconds": round(time.perf_counter() - started, 3), "chief": False,
+                    "task": f"{cluster.task_type}:{cluster.task_index}", "num_workers": cluster.num_workers}
+    elif fine_tune_layers == 0 and cache_features:
         extractor = build_feature_extractor(hub_handle, size, trainable=False)
         t0 = time.perf_counter()
         train_x, train_y = compute_features(extractor, train_ds)
@@ -178,6 +195,10 @@ def train_and_evaluate(train_data_path: str, eval_data_path: str, output_dir: st
     metrics.update({"train_seconds": round(train_seconds, 3), "epochs": int(num_epochs), "seed": int(seed),
                     "hub_handle": hub_handle, "fine_tune_layers": int(fine_tune_layers),
                     "cached_features": bool(fine_tune_layers == 0 and cache_features)})
+    if strategy is not None:
+        metrics.update({"num_workers": cluster.num_workers, "num_replicas": strategy.num_replicas_in_sync,
+                        "strategy": ("MultiWorkerMirroredStrategy" if cluster.num_workers > 1
+                                     else type(strategy).__name__)})
     print(f"Validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
 
     keras_dir = _join(output_dir, KERAS_MODEL_DIR)
@@ -187,6 +208,77 @@ def train_and_evaluate(train_data_path: str, eval_data_path: str, output_dir: st
     _write_figures(output_dir, metrics, {k: [float(v) for v in vs] for k, vs in history.history.items()})
     print(f"Exported trained model to {keras_dir}")
     return metrics
+
+
+def _no_autoshard(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Each worker already reads its own shard: tf.distribute must not shard it again."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
+
+
+def _sharded_records(pattern: str, cluster: Cluster, batch_size: int, num_classes: int,
+                     image_size: tuple[int, int]) -> tf.data.Dataset:
+    """This worker's share of the training records (every ``num_workers``-th record), decoded and
+    batched, for the one pass that caches backbone features; order does not matter there."""
+    ds = tf.data.TFRecordDataset(list_files(pattern), buffer_size=8 << 20)
+    ds = ds.shard(cluster.num_workers, cluster.worker_index)
+    ds = ds.map(lambda r: parse_example(r, num_classes, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _fit_distributed(strategy, cluster: Cluster, train_data_path: str, train_ds: tf.data.Dataset,
+                     class_names: list[str], size: tuple[int, int], hub_handle: str, batch_size: int,
+                     num_epochs: int, steps_per_epoch: int, learning_rate: float, fine_tune_layers: int,
+                     cache_features: bool, seed: int, output_dir: str, verbose: int):
+    """Train one model on every worker of ``strategy``; returns (the model as a plain, undistributed
+    Keras model on the chief or None on other workers, the Keras History).
+
+    ``batch_size`` is the global batch (the lab's meaning): tf.distribute splits each worker's
+    batches across all replicas, so N workers see the same batches per step as one process would.
+    Per-epoch validation is left out (it would need equal eval shards on every worker); the chief
+    evaluates the finished image model on the whole validation set, as the single process does.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise ValueError(f"batch_size ({batch_size}) is the global batch and must be a multiple of the "
+                         f"{replicas} replicas training in sync")
+    own_dir = write_dir(output_dir, cluster)
+    callbacks = [
+        # Multi-worker aware: the chief writes the backup, other workers a temporary copy they delete.
+        keras.callbacks.BackupAndRestore(_join(output_dir, "checkpoints", "backup"), save_freq="epoch",
+                                         delete_checkpoint=False),
+        keras.callbacks.TensorBoard(_join(own_dir, "logs"), update_freq="epoch"),
+    ]
+    num_classes = len(class_names)
+    if fine_tune_layers == 0 and cache_features:
+        extractor = build_feature_extractor(hub_handle, size, trainable=False)  # inference only: not mirrored
+        t0 = time.perf_counter()
+        train_x, train_y = compute_features(extractor, _sharded_records(train_data_path, cluster, batch_size,
+                                                                        num_classes, size))
+        print(f"Worker {cluster.worker_index}/{cluster.num_workers}: cached backbone features for its "
+              f"{len(train_x)} training images in {time.perf_counter() - t0:.1f}s")
+        with strategy.scope():
+            head = compile_model(build_head(num_classes, train_x.shape[1]), learning_rate)
+        features_ds = _no_autoshard(tf.data.Dataset.from_tensor_slices((train_x, train_y))
+                                    .shuffle(len(train_x), seed=seed, reshuffle_each_iteration=True)
+                                    .repeat().batch(batch_size).prefetch(tf.data.AUTOTUNE))
+        history = head.fit(features_ds, epochs=num_epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                           verbose=verbose)
+        if not cluster.is_chief:
+            return None, history
+        plain_head = build_head(num_classes, train_x.shape[1])
+        plain_head.set_weights(head.get_weights())
+        return assemble(extractor, plain_head, size, learning_rate), history
+    with strategy.scope():
+        model = build_model(hub_handle, num_classes, size, fine_tune_layers, learning_rate)
+    history = model.fit(train_ds.repeat(), epochs=num_epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                        verbose=verbose)
+    if not cluster.is_chief:
+        return None, history
+    plain = build_model(hub_handle, num_classes, size, fine_tune_layers, learning_rate)
+    plain.set_weights(model.get_weights())
+    return plain, history
 
 
 if __name__ == "__main__":
