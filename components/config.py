@@ -141,6 +141,27 @@ class DeploySettings:
 
 
 @dataclass
+class BatchPredictSettings:
+    """Bulk explanations of a dataset by the uploaded model (pipeline step ``batch_predict`` when
+    ``enabled``). On Vertex: a BatchPredictionJob running the serving container over ``source``
+    (``gs://`` JSONL instances, or a ``file-list`` of image URIs) on ``machine_type`` machines,
+    ``starting_replica_count``..``max_replica_count`` of them, ``batch_size`` instances per request;
+    locally: ``explain.batch`` over ``source`` (a folder, glob, TFRecords or JSONL). Output in
+    Vertex's layout under ``destination``."""
+
+    enabled: bool = False
+    source: str = ""
+    destination: str = ""
+    instances_format: Literal["jsonl", "file-list"] = "jsonl"
+    machine_type: str = "n1-standard-8"
+    starting_replica_count: int = 1
+    max_replica_count: int = 1
+    accelerator_type: str = ""
+    accelerator_count: int = 0
+    batch_size: int = 8
+
+
+@dataclass
 class ScheduleSettings:
     display_name: str = "flowers-xai-retrain"
     #: Cron expression, optionally prefixed with ``TZ=<IANA zone>``.
@@ -170,6 +191,7 @@ class Config:
     gate: GateSettings = field(default_factory=GateSettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    batch_predict: BatchPredictSettings = field(default_factory=BatchPredictSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
 
@@ -288,7 +310,70 @@ def _check(config: Config) -> None:
         value = getattr(config.gcp, name)
         if value and not value.startswith("gs://"):
             fail(f"gcp.{name}", f"must be a gs:// URI, got {value!r}")
+    _check_resources(config, fail)
     _check_explanations(config)
+
+
+#: Vertex's GPU types and the machine families each attaches to (others: no accelerator allowed).
+_ACCELERATOR_MACHINES = {
+    "NVIDIA_TESLA_T4": ("n1-",), "NVIDIA_TESLA_V100": ("n1-",), "NVIDIA_TESLA_P100": ("n1-",),
+    "NVIDIA_TESLA_P4": ("n1-",), "NVIDIA_TESLA_K80": ("n1-",), "NVIDIA_L4": ("g2-",),
+    "NVIDIA_TESLA_A100": ("a2-highgpu-", "a2-megagpu-"), "NVIDIA_A100_80GB": ("a2-ultragpu-",),
+    "NVIDIA_H100_80GB": ("a3-highgpu-",), "NVIDIA_H100_MEGA_80GB": ("a3-megagpu-",),
+}
+#: Machine families that come with GPUs attached: they need an accelerator setting.
+_GPU_FAMILIES = ("a2-", "a3-", "g2-")
+_MACHINE_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)+$")
+
+
+def _check_machine(where: str, machine_type: str, accelerator_type: str, accelerator_count: int, fail) -> None:
+    """Machine type, accelerator type and count together, as Vertex accepts them."""
+    if not _MACHINE_RE.match(machine_type):
+        fail(f"{where}.machine_type", f"must be a Compute Engine machine type like 'n1-standard-8', got "
+                                      f"{machine_type!r}")
+    if bool(accelerator_type) != bool(accelerator_count):
+        fail(f"{where}.accelerator_type", f"accelerator_type ({accelerator_type!r}) and accelerator_count "
+                                          f"({accelerator_count}) go together: set both or neither")
+    if not accelerator_type:
+        if machine_type.startswith(_GPU_FAMILIES):
+            fail(f"{where}.accelerator_type", f"machine type {machine_type} comes with GPUs: set accelerator_type "
+                                              "and accelerator_count")
+        return
+    if accelerator_type not in _ACCELERATOR_MACHINES:
+        fail(f"{where}.accelerator_type", f"must be one of {sorted(_ACCELERATOR_MACHINES)}, got {accelerator_type!r}")
+    if not machine_type.startswith(_ACCELERATOR_MACHINES[accelerator_type]):
+        fail(f"{where}.machine_type", f"{accelerator_type} attaches to {' or '.join(_ACCELERATOR_MACHINES[accelerator_type])}"
+                                      f"* machines, not {machine_type}")
+    if accelerator_count not in (1, 2, 4, 8, 16):
+        fail(f"{where}.accelerator_count", f"must be 1, 2, 4, 8 or 16 GPUs per machine, got {accelerator_count}")
+
+
+def _check_resources(config: Config, fail) -> None:
+    """Training replicas, machines and accelerators, and the batch-prediction job's, together."""
+    t = config.training
+    _check_machine("training", t.machine_type, t.accelerator_type, t.accelerator_count, fail)
+    replicas = t.replica_count * max(1, t.accelerator_count)
+    if t.batch_size % replicas:
+        fail("training.batch_size", f"{t.batch_size} is the global batch, split evenly over the {t.replica_count} "
+                                    f"machine(s) x {max(1, t.accelerator_count)} device(s) = {replicas} replicas "
+                                    "training in sync: make it a multiple of that")
+    b = config.batch_predict
+    _check_machine("batch_predict", b.machine_type, b.accelerator_type, b.accelerator_count, fail)
+    if not 1 <= b.starting_replica_count <= b.max_replica_count:
+        fail("batch_predict.starting_replica_count", f"need 1 <= starting_replica_count ({b.starting_replica_count})"
+                                                     f" <= max_replica_count ({b.max_replica_count})")
+    if b.batch_size < 1:
+        fail("batch_predict.batch_size", f"must be >= 1, got {b.batch_size}")
+    if b.enabled:
+        for name in ("source", "destination"):
+            if not getattr(b, name):
+                fail(f"batch_predict.{name}", "must be set when batch_predict.enabled")
+        if config.backend == "vertex":
+            for name in ("source", "destination"):
+                bad = [u for u in getattr(b, name).split(",") if u.strip() and not u.strip().startswith("gs://")]
+                if bad:
+                    fail(f"batch_predict.{name}", f"must be gs:// URIs on Vertex (its machines read and write Cloud "
+                                                  f"Storage), got {bad[0]!r}")
 
 
 def _check_explanations(config: Config) -> None:

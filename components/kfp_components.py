@@ -104,7 +104,26 @@ def explain_smoke_op(endpoint: str, eval_data_path: str, backend: str, registry_
     explanation.metadata.update({k: summary[k] for k in ("predicted", "approximation_error", "figure")})
 
 
+def batch_predict_op(model_name: str, source: str, destination: str, deploy_target: str,
+                     explanation_parameters: str, machine_type: str, starting_replica_count: int,
+                     max_replica_count: int, accelerator_type: str, accelerator_count: int, batch_size: int,
+                     instances_format: str, service_account: str, backend: str, registry_dir: str, project: str,
+                     location: str, api_endpoint: str) -> str:
+    """Explain every instance of ``source`` with the uploaded model (a BatchPredictionJob on Vertex);
+    returns the directory holding prediction.results-* and prediction.errors_stats-*."""
+    if not model_name:
+        print("batch_predict skipped: nothing was uploaded (the gate did not approve)")
+        return ""
+    from components.batch_predict import batch_predict
+
+    return batch_predict(model_name, source, destination, backend, deploy_target, explanation_parameters,
+                         machine_type, starting_replica_count, max_replica_count, accelerator_type, accelerator_count,
+                         batch_size, instances_format, registry_dir, project, location, api_endpoint,
+                         service_account)["output_directory"]
+
+
 def make_components(base_image: str) -> dict:
-    """The six components, built for ``base_image`` (which must contain this repository)."""
-    fns = [train_op, export_signatures_op, evaluate_op, upload_model_op, deploy_model_op, explain_smoke_op]
+    """The pipeline's components, built for ``base_image`` (which must contain this repository)."""
+    fns = [train_op, export_signatures_op, evaluate_op, upload_model_op, deploy_model_op, explain_smoke_op,
+           batch_predict_op]
     return {fn.__name__[:-3]: dsl.component(fn, base_image=base_image, install_kfp_package=False) for fn in fns}

@@ -88,5 +88,14 @@ def build_pipeline(cfg: Config):
                                        service_account=g.service_account, **common).set_display_name("deploy_model")
         ops["explain_smoke"](endpoint=deployed.output, eval_data_path=eval_data_path, deploy_target=deploy_target,
                              **common).set_display_name("explain_smoke")
+        if cfg.batch_predict.enabled:  # bulk explanations by the uploaded model (BatchPredictionJob on Vertex)
+            b = cfg.batch_predict
+            ops["batch_predict"](model_name=uploaded.output, source=b.source, destination=b.destination,
+                                 deploy_target=deploy_target, explanation_parameters=explanation_parameters,
+                                 machine_type=b.machine_type, starting_replica_count=b.starting_replica_count,
+                                 max_replica_count=b.max_replica_count, accelerator_type=b.accelerator_type,
+                                 accelerator_count=b.accelerator_count, batch_size=b.batch_size,
+                                 instances_format=b.instances_format, service_account=g.service_account, **common
+                                 ).set_display_name("batch_predict").set_caching_options(False)
 
     return flowers_pipeline

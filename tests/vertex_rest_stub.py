@@ -80,6 +80,7 @@ class VertexState:
     pipeline_jobs: dict[str, dict] = field(default_factory=dict)
     schedules: dict[str, dict] = field(default_factory=dict)
     operations: dict[str, dict] = field(default_factory=dict)
+    batch_prediction_jobs: dict[str, dict] = field(default_factory=dict)
 
 
 class VertexRestStub:
@@ -117,6 +118,8 @@ class VertexRestStub:
         route("PATCH", _LOCATION + r"/schedules/(?P<schedule>[^/:]+)", self._patch_schedule)
         route("POST", _LOCATION + r"/schedules/(?P<schedule>[^/:]+):pause", self._pause_schedule)
         route("POST", _LOCATION + r"/schedules/(?P<schedule>[^/:]+):resume", self._resume_schedule)
+        route("POST", _LOCATION + r"/batchPredictionJobs", self._create_batch_prediction_job)
+        route("GET", _LOCATION + r"/batchPredictionJobs/(?P<job>[^/:]+)", self._get_batch_prediction_job)
         route("GET", _LOCATION + r"/operations/(?P<operation>[^/:]+)", self._get_operation)
 
     # ------------------------------------------------------------------ plumbing
@@ -309,6 +312,56 @@ class VertexRestStub:
         target["deployedModels"] = remaining
         target["trafficSplit"] = {k: v for k, v in split.items() if k != deployed_id} if remaining else {}
         return self._operation(target["name"], {}, "UndeployModelResponse")
+
+    # ------------------------------------------------------------------ batch prediction
+    def _create_batch_prediction_job(self, project, location, query, body):
+        """Checks what Vertex checks at creation (the model version exists, formats, URIs, replicas);
+        the job is created PENDING and has SUCCEEDED when next read, with Vertex's output directory."""
+        job = copy.deepcopy(body)
+        if not job.get("displayName"):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "batch_prediction_job.display_name is required")
+        model_name, _, version = job.get("model", "").partition("@")
+        match = re.fullmatch(_LOCATION + r"/models/(?P<model>[^/@]+)", model_name)
+        if not match:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"batch_prediction_job.model is not a model: {job.get('model')!r}")
+        resolved = self._version(match["project"], match["location"], match["model"], version or None)
+        inputs, outputs = job.get("inputConfig") or {}, job.get("outputConfig") or {}
+        if inputs.get("instancesFormat") not in ("jsonl", "csv", "tf-record", "tf-record-gzip", "file-list",
+                                                 "bigquery"):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unsupported instances_format {inputs.get('instancesFormat')!r}")
+        uris = (inputs.get("gcsSource") or {}).get("uris") or []
+        if not uris or not all(u.startswith("gs://") for u in uris):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"input_config.gcs_source.uris must be gs:// URIs, got {uris}")
+        prefix = (outputs.get("gcsDestination") or {}).get("outputUriPrefix", "")
+        if not prefix.startswith("gs://"):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"output_uri_prefix must be a gs:// URI, got {prefix!r}")
+        resources = job.get("dedicatedResources") or {}
+        if "DEDICATED_RESOURCES" in resolved.get("supportedDeploymentResourcesTypes", []) and not resources:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "this model needs dedicated_resources (machine_spec, replicas)")
+        start, most = resources.get("startingReplicaCount", 1), resources.get("maxReplicaCount", 1)
+        if not 1 <= int(start) <= int(most):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"need 1 <= starting_replica_count ({start}) <= "
+                                                   f"max_replica_count ({most})")
+        name = f"projects/{project}/locations/{location}/batchPredictionJobs/{self._new_id()}"
+        job.update(name=name, model=model_name, modelVersionId=resolved["versionId"], state="JOB_STATE_PENDING",
+                   createTime=_now(), updateTime=_now())
+        self.state.batch_prediction_jobs[name] = job
+        return job
+
+    def _get_batch_prediction_job(self, project, location, job, query, body):
+        name = f"projects/{project}/locations/{location}/batchPredictionJobs/{job}"
+        if name not in self.state.batch_prediction_jobs:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"BatchPredictionJob {name} not found")
+        found = self.state.batch_prediction_jobs[name]
+        if found["state"] == "JOB_STATE_PENDING":
+            model = self._version(*re.fullmatch(_LOCATION + r"/models/(?P<m>[^/@]+)", found["model"]).groups(),
+                                  found["modelVersionId"])
+            stamp = datetime.now(timezone.utc).strftime("%Y_%m_%dT%H_%M_%S_%fZ")[:-4] + "Z"
+            prefix = found["outputConfig"]["gcsDestination"]["outputUriPrefix"].rstrip("/")
+            found.update(state="JOB_STATE_SUCCEEDED", startTime=_now(), endTime=_now(), updateTime=_now(),
+                         outputInfo={"gcsOutputDirectory": f"{prefix}/prediction-{model['displayName']}-{stamp}"},
+                         completionStats={"successfulCount": "0", "failedCount": "0", "incompleteCount": "0"})
+        return found
 
     # ------------------------------------------------------------------ pipelines and schedules
     def _create_pipeline_job(self, project, location, query, body):
