@@ -17,7 +17,8 @@ image folder) into JSONL instances first.
 
     python -m components.batch_predict run --model_name=projects/P/locations/L/models/ID@3 \\
         --source=gs://B/instances/*.jsonl --destination=gs://B/batch --backend=vertex --project=P --location=L
-    python -m components.batch_predict to_jsonl --input='gs://B/validation/*.tfrec' --output_prefix=gs://B/instances/validation
+    python -m components.batch_predict to_jsonl --input='gs://B/validation/*.tfrec' \\
+        --output_prefix=gs://B/instances/validation
 """
 
 from __future__ import annotations

@@ -342,8 +342,8 @@ def _check_machine(where: str, machine_type: str, accelerator_type: str, acceler
     if accelerator_type not in _ACCELERATOR_MACHINES:
         fail(f"{where}.accelerator_type", f"must be one of {sorted(_ACCELERATOR_MACHINES)}, got {accelerator_type!r}")
     if not machine_type.startswith(_ACCELERATOR_MACHINES[accelerator_type]):
-        fail(f"{where}.machine_type", f"{accelerator_type} attaches to {' or '.join(_ACCELERATOR_MACHINES[accelerator_type])}"
-                                      f"* machines, not {machine_type}")
+        families = " or ".join(f"{f}*" for f in _ACCELERATOR_MACHINES[accelerator_type])
+        fail(f"{where}.machine_type", f"{accelerator_type} attaches to {families} machines, not {machine_type}")
     if accelerator_count not in (1, 2, 4, 8, 16):
         fail(f"{where}.accelerator_count", f"must be 1, 2, 4, 8 or 16 GPUs per machine, got {accelerator_count}")
 

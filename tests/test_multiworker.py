@@ -65,7 +65,8 @@ def test_cluster_from_tf_config_and_vertex_cluster_spec():
                                                       "task": {"type": "worker", "index": 0}})})
     assert no_chief.is_chief and no_chief.worker_index == 0  # worker 0 leads when there is no chief
     with pytest.raises(ClusterConfigError, match="task index 5"):
-        read_cluster({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 5}})})
+        read_cluster({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]},
+                                               "task": {"type": "worker", "index": 5}})})
     with pytest.raises(ClusterConfigError, match="CLUSTER_SPEC"):
         read_cluster({"CLUSTER_SPEC": json.dumps({"cluster": {"pool9": []}})})
 

@@ -1,0 +1,97 @@
+"""Bulk throughput of ``explain.batch`` against its floors, on the same images in the same run.
+
+* Explanations: seconds per image of ``explain_batch`` (IG, ``step_count`` steps, everything it
+  does: read, check, decode, explain, draw, write JSON lines) against the floor of ``step_count``
+  evaluations x one batched forward+backward pass per image (:func:`bench.common.forward_backward_seconds`,
+  the same floor the IG benchmark uses). Goal: floor / ours >= 0.9.
+* Predictions: seconds per image of ``explain_batch(explain=False)`` against ``serving_default``
+  called in process on batches of the same encoded images (no reading, no checks, no output).
+  Goal: reference / ours >= 0.9.
+
+The model is loaded once per mode before timing (an :class:`explain.batch.Engine`), so load time
+is not counted against either side; each side is timed ``repeats`` times and the median is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Sequence
+
+import trainer  # noqa: F401  (legacy Keras before TensorFlow)
+
+import numpy as np
+import tensorflow as tf
+
+#: serving_default's batch in the reference (the container's default request size is far smaller).
+REFERENCE_BATCH = 64
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run(model_dir: str, images: Sequence[bytes], step_count: int = 50, batch_size: int = 8,
+        repeats: int = 3) -> dict[str, Any]:
+    """Per-image seconds and ratios for bulk IG explanations and bulk predictions of ``images``
+    (encoded JPEG/PNG bytes) with the exported model in ``model_dir``. ``batch_size``: images per
+    explain call (predictions use ``explain.batch``'s default, as the CLI does)."""
+    from bench.common import SignatureModel, forward_backward_seconds
+    from explain.batch import Engine, explain_batch
+    from explain.model import load_explainable_model
+    from trainer.schema import SERVING_SIGNATURE
+
+    images = list(images)
+    if not images:
+        raise ValueError("run() needs at least one image")
+    parameters = {"integrated_gradients_attribution": {"step_count": step_count}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "images")
+        os.makedirs(folder)
+        for i, data in enumerate(images):
+            with open(os.path.join(folder, f"{i:06d}.png" if data[:4] == b"\x89PNG" else f"{i:06d}.jpg"), "wb") as f:
+                f.write(data)
+        outputs = iter(range(10 ** 6))
+
+        def bulk(engine: Engine, explain: bool) -> dict:
+            return explain_batch(folder, os.path.join(tmp, f"out{next(outputs)}"), model_dir,
+                                 parameters if explain else None, explain=explain, shard_size=len(images),
+                                 batch_size=batch_size if explain else None, key_only=True, progress=False,
+                                 engine=engine)
+
+        explain_engine = Engine(model_dir, True, parameters)
+        bulk(explain_engine, True)  # warm-up: traces the kernels
+        explain_seconds = _median_seconds(lambda: bulk(explain_engine, True), repeats) / len(images)
+        predict_engine = Engine(model_dir, False, None)
+        bulk(predict_engine, False)
+        predict_seconds = _median_seconds(lambda: bulk(predict_engine, False), repeats) / len(images)
+
+    # Floors, same images, same process.
+    pixels = load_explainable_model(model_dir).preprocess(images[:1])[0]
+    floor_step = forward_backward_seconds(SignatureModel(model_dir), pixels, repeats=max(3, repeats))
+    floor = step_count * floor_step
+    signature = tf.saved_model.load(model_dir).signatures[SERVING_SIGNATURE]
+    input_name = next(iter(signature.structured_input_signature[1]))
+
+    def reference() -> None:
+        for lo in range(0, len(images), REFERENCE_BATCH):
+            signature(**{input_name: tf.constant(images[lo:lo + REFERENCE_BATCH])})
+
+    reference()
+    reference_seconds = _median_seconds(reference, repeats) / len(images)
+    return {
+        "images": len(images), "step_count": step_count, "batch_size": batch_size,
+        "explain_seconds_per_image": explain_seconds,
+        "explain_floor_seconds_per_image": floor,
+        "forward_backward_seconds_per_image": floor_step,
+        "explain_vs_floor": floor / explain_seconds,
+        "predict_seconds_per_image": predict_seconds,
+        "serving_default_seconds_per_image": reference_seconds,
+        "predict_vs_serving_default": reference_seconds / predict_seconds,
+    }
