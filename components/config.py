@@ -73,8 +73,15 @@ class ImageSettings:
 
 @dataclass
 class DataSettings:
+    """Training and evaluation records. They must differ: a gate scored on training data passes
+    anything. For one pattern holding everything (the lab's ``flowers-xai/*.tfrec``), set
+    ``eval_split_percent`` and leave ``eval_data_path`` empty: a split step sends each record to
+    evaluation or training by a hash of its bytes, so a record stays on its side in every run."""
+
     train_data_path: str = "data/sample/train/*.tfrec"
     eval_data_path: str = "data/sample/validation/*.tfrec"
+    #: 1..50: split ``train_data_path`` into training and this percentage for evaluation; 0: no split.
+    eval_split_percent: int = 0
 
 
 @dataclass
@@ -118,11 +125,16 @@ class ExplanationSettings:
 
 @dataclass
 class GateSettings:
-    """Deploy only at or above ``min_accuracy`` and (``require_not_worse``) not below the
-    accuracy of the version currently serving."""
+    """Deploy only at or above ``min_accuracy`` and (``require_not_worse``) at or above the
+    accuracy of the version currently serving plus ``margin``, both scored in the same run on the
+    same evaluation data. With no model of that name registered yet the gate refuses unless
+    ``allow_first_deploy`` (a champion that cannot be scored always fails closed)."""
 
     min_accuracy: float = 0.8
     require_not_worse: bool = True
+    #: The challenger needs champion accuracy + margin (0: not worse; 0.01: one point better).
+    margin: float = 0.0
+    allow_first_deploy: bool = False
 
 
 @dataclass
@@ -287,6 +299,9 @@ def _check(config: Config) -> None:
         fail("training.timeout", f"must be a duration in seconds like '7200s', got {t.timeout!r}")
     if not 0 <= config.gate.min_accuracy <= 1:
         fail("gate.min_accuracy", f"must be in [0, 1], got {config.gate.min_accuracy}")
+    if not -1 <= config.gate.margin <= 1:
+        fail("gate.margin", f"must be in [-1, 1], got {config.gate.margin}")
+    _check_data(config.data, fail)
     d = config.deploy
     if not 0 < d.traffic_percentage <= 100:
         fail("deploy.traffic_percentage", f"must be in (0, 100], got {d.traffic_percentage}")
@@ -374,6 +389,38 @@ def _check_resources(config: Config, fail) -> None:
                 if bad:
                     fail(f"batch_predict.{name}", f"must be gs:// URIs on Vertex (its machines read and write Cloud "
                                                   f"Storage), got {bad[0]!r}")
+
+
+def _check_data(data: DataSettings, fail) -> None:
+    """Evaluation data must not be the training data (a gate scored on what the model was trained
+    on passes anything); one pattern for both is allowed only through the split step."""
+    if not 0 <= data.eval_split_percent <= 50:
+        fail("data.eval_split_percent", f"must be in [0, 50], got {data.eval_split_percent}")
+    if data.eval_split_percent:
+        if data.eval_data_path:
+            fail("data.eval_data_path", "must be empty when data.eval_split_percent splits "
+                                        f"data.train_data_path, got {data.eval_data_path!r}")
+        return
+    if not data.eval_data_path:
+        fail("data.eval_data_path", "is empty; give evaluation records, or set data.eval_split_percent to split "
+                                    "data.train_data_path")
+    if _same_records(data.train_data_path, data.eval_data_path):
+        fail("data.eval_data_path", f"{data.eval_data_path!r} reads the training records "
+                                    f"(data.train_data_path {data.train_data_path!r}); evaluate on other data or "
+                                    "set data.eval_split_percent and leave data.eval_data_path empty")
+
+
+def _same_records(train: str, evaluation: str) -> bool:
+    """True when the two patterns share a file: the same text, or (local paths) overlapping globs."""
+    import glob
+    import os
+
+    if train.rstrip("/") == evaluation.rstrip("/"):
+        return True
+    if "://" in train or "://" in evaluation:
+        return False  # listing a bucket at load time would need the network; the text check stands
+    expand = lambda p: {os.path.realpath(f) for f in glob.glob(p)}  # noqa: E731
+    return bool(expand(train) & expand(evaluation))
 
 
 def _check_explanations(config: Config) -> None:

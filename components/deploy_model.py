@@ -1,6 +1,9 @@
 """Step 5, deploy_model: deploy the uploaded version to the endpoint with that display name
-(created once, reused by every later run), then undeploy the versions it supersedes once the new
-one is serving, so a scheduled retrain never piles up endpoints or deployed models."""
+(created once, reused by every later run); once it serves all the traffic, move the model's
+``default`` alias to it (it is now the champion the next run must beat) and undeploy the versions
+it supersedes, so a scheduled retrain never piles up endpoints or deployed models. A deploy that
+fails leaves ``default`` where it was. Locally the whole step holds the endpoint's lock
+(:meth:`Registry.rollout`), so two runs deploying at once cannot undeploy each other's model."""
 
 from __future__ import annotations
 
@@ -26,19 +29,13 @@ def deploy_model(model: str, endpoint_display_name: str, backend: str = "local",
 
     from serving.registry import Registry
 
-    registry = Registry(registry_dir)
-    endpoint = registry.get_or_create_endpoint(endpoint_display_name)
-    deployed = registry.deploy_model(endpoint["name"], model, traffic_percentage=traffic_percentage,
-                                     display_name=endpoint_display_name, machine_type="local",
-                                     min_replica_count=min_replica_count, max_replica_count=max_replica_count)
-    undeployed = []
-    if traffic_percentage == 100:  # the new version serves everything: retire the ones it replaces
-        for other in registry.get_endpoint(endpoint["name"])["deployedModels"]:
-            if other["id"] != deployed["id"]:
-                registry.undeploy_model(endpoint["name"], other["id"])
-                undeployed.append(other["id"])
-    print(f"Deployed {model} to {endpoint['name']} as {deployed['id']}; undeployed {undeployed or 'none'}")
-    return {"endpoint": endpoint["name"], "deployed_model_id": deployed["id"], "undeployed": undeployed}
+    result = Registry(registry_dir).rollout(endpoint_display_name, model, traffic_percentage=traffic_percentage,
+                                            display_name=endpoint_display_name, machine_type="local",
+                                            min_replica_count=min_replica_count,
+                                            max_replica_count=max_replica_count)
+    print(f"Deployed {model} to {result['endpoint']} as {result['deployed_model_id']}"
+          f"{' (already deployed)' if result['reused'] else ''}; undeployed {result['undeployed'] or 'none'}")
+    return {k: result[k] for k in ("endpoint", "deployed_model_id", "undeployed", "reused")}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,20 @@ this repository; under ``kfp.local`` they run in this interpreter.
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def split_data_op(data_path: str, eval_split_percent: int, split: Output[Dataset]
+                  ) -> NamedTuple("Split", train_data_path=str, eval_data_path=str):
+    """One pattern into training and evaluation records, by record hash (deterministic)."""
+    from collections import namedtuple
+
+    from components.split_data import split_records
+
+    result = split_records(data_path, split.path, eval_split_percent)
+    split.metadata.update({k: result[k] for k in ("num_train", "num_eval")})
+    return namedtuple("Split", ["train_data_path", "eval_data_path"])(result["train_data_path"],
+                                                                        result["eval_data_path"])
 
 
 def train_op(train_data_path: str, eval_data_path: str, hub_handle: str, batch_size: int, num_epochs: int,
@@ -36,29 +49,30 @@ def export_signatures_op(trained: Input[Model], visualization: str, exported: Ou
 
 
 def evaluate_op(exported: Input[Model], eval_data_path: str, min_accuracy: float, require_not_worse: bool,
-                backend: str, model_display_name: str, registry_dir: str, project: str, location: str,
-                api_endpoint: str, metrics: Output[Metrics]) -> NamedTuple("Gate", deploy=bool, reason=str,
-                                                                            metrics_json=str):
-    """Score the export and decide whether it may be deployed (the gate)."""
+                margin: float, allow_first_deploy: bool, backend: str, model_display_name: str, registry_dir: str,
+                project: str, location: str, api_endpoint: str, metrics: Output[Metrics]
+                ) -> NamedTuple("Gate", deploy=bool, reason=str, metrics_json=str, comparison_json=str):
+    """Score the export and the serving version side by side and decide (the gate)."""
     import json
     from collections import namedtuple
 
     from components.evaluate import evaluate
 
     result = evaluate(exported.path, eval_data_path, min_accuracy, backend, model_display_name, require_not_worse,
-                      registry_dir, project, location, api_endpoint)
+                      registry_dir, project, location, api_endpoint, margin, allow_first_deploy)
     metrics.log_metric("accuracy", result["metrics"]["accuracy"])
     metrics.log_metric("loss", result["metrics"]["loss"])
-    metrics.metadata["deploy"] = result["deploy"]
-    metrics.metadata["reason"] = result["reason"]
-    return namedtuple("Gate", ["deploy", "reason", "metrics_json"])(
-        result["deploy"], result["reason"], json.dumps(result["metrics"]))
+    if result["comparison"]["champion_accuracy"] is not None:
+        metrics.log_metric("champion_accuracy", result["comparison"]["champion_accuracy"])
+    metrics.metadata.update({k: result["comparison"][k] for k in ("deploy", "reason", "champion", "champion_source")})
+    return namedtuple("Gate", ["deploy", "reason", "metrics_json", "comparison_json"])(
+        result["deploy"], result["reason"], json.dumps(result["metrics"]), json.dumps(result["comparison"]))
 
 
 def upload_model_op(approved: bool, exported: Input[Model], display_name: str, metrics_json: str,
-                    explanation_parameters: str, backend: str, deploy_target: str, labels: str, version_aliases: str,
-                    registry_dir: str, project: str, location: str, api_endpoint: str, serving_image: str,
-                    prebuilt_image: str) -> str:
+                    comparison_json: str, explanation_parameters: str, backend: str, deploy_target: str, labels: str,
+                    version_aliases: str, registry_dir: str, project: str, location: str, api_endpoint: str,
+                    serving_image: str, prebuilt_image: str) -> str:
     """Upload (a new version when the display name exists); returns "<model>@<version>" or "" if not approved."""
     if not approved:
         print("upload skipped: the evaluation gate did not approve this model")
@@ -67,7 +81,7 @@ def upload_model_op(approved: bool, exported: Input[Model], display_name: str, m
 
     return upload_model(exported.path, display_name, metrics_json, explanation_parameters, backend, deploy_target,
                         labels, version_aliases, registry_dir, project, location, api_endpoint, serving_image,
-                        prebuilt_image)["model"]
+                        prebuilt_image, comparison_json)["model"]
 
 
 def deploy_model_op(model_name: str, endpoint_display_name: str, backend: str, traffic_percentage: int,
@@ -124,6 +138,6 @@ def batch_predict_op(model_name: str, source: str, destination: str, deploy_targ
 
 def make_components(base_image: str) -> dict:
     """The pipeline's components, built for ``base_image`` (which must contain this repository)."""
-    fns = [train_op, export_signatures_op, evaluate_op, upload_model_op, deploy_model_op, explain_smoke_op,
-           batch_predict_op]
+    fns = [split_data_op, train_op, export_signatures_op, evaluate_op, upload_model_op, deploy_model_op,
+           explain_smoke_op, batch_predict_op]
     return {fn.__name__[:-3]: dsl.component(fn, base_image=base_image, install_kfp_package=False) for fn in fns}

@@ -10,11 +10,18 @@ Why these particular behaviours:
 * ``upload_model`` adds a *version* to the model that already carries the display name
   (``parent_model``), so retrains accumulate in one registry entry and the ``default`` alias says
   which version serves, as in the champion/challenger flow of vertex-pipelines-end-to-end-samples.
+  The pipeline uploads *without* taking ``default`` and ``deploy_model`` moves it
+  (``mergeVersionAliases``) once the new version serves: a failed deploy leaves ``default`` on the
+  version that really serves, which is the one the next run's gate must beat.
+* ``serving_version`` names that champion and where its exported model is, so the gate scores it
+  and the challenger on the same data in the same run; stored evaluations are only a fallback.
 * Its explanation metadata comes from the export step's ``explanation_metadata.json`` (the tensor
   names are read from the SavedModel, never typed by hand); a renamed tensor would otherwise only
   show up as a failed deploy 20 minutes later.
-* ``import_evaluation`` stores the version's metrics as a ModelEvaluation, so the next run can read
-  the serving version's figures back (``serving_metrics``) for its deploy gate.
+* ``import_evaluation`` stores the version's metrics as a ModelEvaluation in the keys of
+  ``classification_metrics_1.0.0.yaml`` only (Vertex validates imported metrics against the schema;
+  extra keys would be dropped or refused), so the console shows them; the gate's comparison rides
+  in the evaluation's free-form ``metadata``.
 * ``get_or_create_endpoint`` reuses the endpoint by display name: a scheduled retrain must not
   create (and pay for) one endpoint per run.
 * ``deploy_model`` undeploys superseded models only once the new one is serving and carries their
@@ -32,13 +39,15 @@ from google.auth import credentials as auth_credentials
 from google.cloud import aiplatform
 from google.protobuf import json_format
 
+from components.common import fuse_root, readable_path
+from components.metrics_schema import (CLASSIFICATION_METRICS_SCHEMA, CLASSIFICATION_SCHEMA_KEYS,
+                                       accuracy_from_schema_metrics, classification_schema_metrics)
+
 _LOGGER = logging.getLogger(__name__)
 
 #: The newest TensorFlow prediction image Vertex offers (TF 2.15); Vertex's built-in explanations need one.
 from components.config import BUILTIN_EXPLANATIONS_END as BUILTIN_EXPLANATIONS_SHUTDOWN  # noqa: E402
 from components.config import BUILTIN_SERVING_IMAGE as PREBUILT_TF_PREDICTION_IMAGE  # noqa: E402
-#: Schema Vertex uses to display classification metrics of an imported ModelEvaluation.
-CLASSIFICATION_METRICS_SCHEMA = "gs://google-cloud-aiplatform/schema/modelevaluation/classification_metrics_1.0.0.yaml"
 BUILTIN_EXPLANATIONS_DEPRECATED = "2026-03-16"
 #: Keys of the legacy AI Platform ``explanation_metadata.json`` format that Vertex's ExplanationMetadata lacks.
 _LEGACY_METADATA_KEYS = ("framework", "tags")
@@ -106,10 +115,25 @@ def find_model(display_name: str, *, project: str, location: str, api_endpoint: 
     return _by_display_name(aiplatform.Model, "model", display_name, project, location)
 
 
+def serving_version(display_name: str, *, project: str, location: str, api_endpoint: str | None = None,
+                    credentials: auth_credentials.Credentials | None = None) -> dict[str, str] | None:
+    """The champion: the ``default`` version of the model called ``display_name`` (the one that
+    serves), as ``{"versioned_resource_name", "version_id", "artifact_uri"}``; None if no model has
+    that name."""
+    model = find_model(display_name, project=project, location=location, api_endpoint=api_endpoint,
+                       credentials=credentials)
+    if model is None:
+        return None
+    serving = aiplatform.Model(model.resource_name, version="default")
+    return {"versioned_resource_name": serving.versioned_resource_name, "version_id": serving.version_id,
+            "artifact_uri": serving.uri or ""}
+
+
 def serving_metrics(display_name: str, *, project: str, location: str, api_endpoint: str | None = None,
                     credentials: auth_credentials.Credentials | None = None) -> dict | None:
-    """Metrics of the version currently serving (alias ``default``) from its newest imported
-    ModelEvaluation; None when there is no such model or it has no evaluation (nothing to beat)."""
+    """The stored metrics of the version currently serving (alias ``default``), from its newest
+    imported ModelEvaluation, in the schema's keys; None when there is no such model or it has no
+    evaluation. The gate reads them only when the champion's model cannot be scored."""
     model = find_model(display_name, project=project, location=location, api_endpoint=api_endpoint,
                        credentials=credentials)
     if model is None:
@@ -121,6 +145,19 @@ def serving_metrics(display_name: str, *, project: str, location: str, api_endpo
         return None
     newest = max(evaluations, key=lambda e: e.create_time.timestamp() if e.create_time else 0.0)
     return json_format.MessageToDict(newest._gca_resource._pb).get("metrics", {})
+
+
+def set_default_version(model_resource_name_with_version: str, *, project: str, location: str,
+                        api_endpoint: str | None = None,
+                        credentials: auth_credentials.Credentials | None = None) -> None:
+    """Move the ``default`` alias to one version (``mergeVersionAliases``; Vertex takes it from the
+    version that had it). Called once that version serves."""
+    base, sep, version = model_resource_name_with_version.partition("@")
+    if not sep or not version:
+        raise ValueError(f"set_default_version needs …/models/ID@VERSION, got {model_resource_name_with_version!r}")
+    init_sdk(project, location, api_endpoint, credentials)
+    registry = aiplatform.models.ModelRegistry(base, location=location, project=project, credentials=credentials)
+    registry.add_version_aliases(["default"], version=version)
 
 
 def explanation_metadata_from_dict(metadata: Mapping[str, Any]) -> aiplatform.explain.ExplanationMetadata:
@@ -166,8 +203,9 @@ def gcs_uri(path: str) -> str:
     Vertex could not read it."""
     if path.startswith("gs://"):
         return path
-    if path.startswith("/gcs/"):
-        return "gs://" + path[len("/gcs/"):]
+    for root in dict.fromkeys(["/gcs", fuse_root()]):
+        if path.startswith(root + "/"):
+            return "gs://" + path[len(root) + 1:]
     raise ValueError(f"artifact_uri must be a gs:// (or /gcs/) path of the exported SavedModel, got {path!r}")
 
 
@@ -223,19 +261,6 @@ def upload_model(display_name: str, artifact_uri: str, explanation_metadata: dic
             "display_name": model.display_name, "versioned_resource_name": model.versioned_resource_name}
 
 
-def _classification_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """``metrics`` plus the classification schema's names for what they already say, so the console
-    shows them: ``logLoss`` is the cross-entropy ``loss``; for single-label top-1 predictions,
-    precision@1 and recall@1 both equal ``accuracy``. The original keys stay, for ``serving_metrics``."""
-    out = dict(metrics)
-    if "loss" in metrics and "logLoss" not in metrics:
-        out["logLoss"] = float(metrics["loss"])
-    if "accuracy" in metrics and "confidenceMetrics" not in metrics:
-        accuracy = float(metrics["accuracy"])
-        out["confidenceMetrics"] = [{"confidenceThreshold": 0.0, "precisionAt1": accuracy, "recallAt1": accuracy}]
-    return out
-
-
 def import_evaluation(model_resource_name_with_version: str, metrics: Mapping[str, Any], *, project: str,
                       location: str, display_name: str = "pipeline evaluation",
                       metadata: Mapping[str, Any] | None = None, api_endpoint: str | None = None,
@@ -251,7 +276,7 @@ def import_evaluation(model_resource_name_with_version: str, metrics: Mapping[st
     model = aiplatform.Model(model_resource_name_with_version)  # 404s here, clearly, if the version is gone
     evaluation = gca_model_evaluation.ModelEvaluation(display_name=display_name,
                                                       metrics_schema_uri=CLASSIFICATION_METRICS_SCHEMA)
-    fields: dict[str, Any] = {"metrics": _classification_metrics(metrics)}
+    fields: dict[str, Any] = {"metrics": classification_schema_metrics(metrics)}
     if metadata:
         fields["metadata"] = dict(metadata)
     json_format.ParseDict(fields, evaluation._pb)
@@ -286,9 +311,12 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
     """Deploy a model version (``.../models/ID@VERSION``, or the default version without ``@``) to the
     endpoint named ``endpoint_display_name`` (reused, or created), giving it ``traffic_percentage``.
 
-    Once the deploy operation is done (Vertex returns only when the new model serves), deployed models
-    left with no traffic are undeployed when ``undeploy_previous``; a canary below 100% keeps the
-    versions that still carry traffic. Returns ``{"endpoint", "deployed_model_id", "undeployed"}``.
+    Once the deploy operation is done (Vertex returns only when the new model serves) and the version
+    has all the traffic, the ``default`` alias moves to it (``set_default_version``), then deployed
+    models left with no traffic are undeployed when ``undeploy_previous``; a canary below 100% keeps
+    the versions that still carry traffic, and ``default`` where it was. A version already deployed
+    on the endpoint is not deployed again (a retried step finishes the job instead).
+    Returns ``{"endpoint", "deployed_model_id", "undeployed", "reused"}``.
     """
     if not 0 <= traffic_percentage <= 100:
         raise ValueError(f"traffic_percentage must be within 0..100, got {traffic_percentage}")
@@ -297,24 +325,31 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
     endpoint = get_or_create_endpoint(endpoint_display_name, project=project, location=location,
                                       api_endpoint=api_endpoint, credentials=credentials)
     model = aiplatform.Model(model_resource_name)
-    before = {deployed.id for deployed in endpoint.list_models()}
-    endpoint.deploy(
-        model=model,
-        deployed_model_display_name=deployed_model_display_name,
-        traffic_percentage=traffic_percentage,
-        machine_type=machine_type,
-        min_replica_count=min_replica_count,
-        max_replica_count=max_replica_count,
-        accelerator_type=accelerator_type if accelerator_type and accelerator_count else None,
-        accelerator_count=accelerator_count if accelerator_type and accelerator_count else None,
-        service_account=service_account,
-        sync=True,
-    )
+    deployed_before = endpoint.list_models()
+    before = {deployed.id for deployed in deployed_before}
+    already = [d.id for d in deployed_before
+               if d.model == model.resource_name and d.model_version_id == model.version_id]
+    if not already:
+        endpoint.deploy(
+            model=model,
+            deployed_model_display_name=deployed_model_display_name,
+            traffic_percentage=traffic_percentage,
+            machine_type=machine_type,
+            min_replica_count=min_replica_count,
+            max_replica_count=max_replica_count,
+            accelerator_type=accelerator_type if accelerator_type and accelerator_count else None,
+            accelerator_count=accelerator_count if accelerator_type and accelerator_count else None,
+            service_account=service_account,
+            sync=True,
+        )
     deployed_now = endpoint.list_models()  # re-reads the endpoint
-    new_ids = [d.id for d in deployed_now if d.id not in before]
+    new_ids = already or [d.id for d in deployed_now if d.id not in before]
     if len(new_ids) != 1:
         raise RuntimeError(f"expected one new deployed model on {endpoint.resource_name}, found {new_ids}")
     new_id = new_ids[0]
+    if traffic_percentage == 100:  # it serves everything now: it is the champion the next run must beat
+        set_default_version(f"{model.resource_name}@{model.version_id}", project=project, location=location,
+                            api_endpoint=api_endpoint, credentials=credentials)
     undeployed: list[str] = []
     if undeploy_previous:
         traffic = dict(endpoint.traffic_split)
@@ -324,12 +359,15 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
                              deployed.model, deployed.id, endpoint.resource_name)
                 endpoint.undeploy(deployed_model_id=deployed.id, sync=True)
                 undeployed.append(deployed.id)
-    return {"endpoint": endpoint.resource_name, "deployed_model_id": new_id, "undeployed": undeployed}
+    return {"endpoint": endpoint.resource_name, "deployed_model_id": new_id, "undeployed": undeployed,
+            "reused": bool(already)}
 
 
 __all__ = [
     "BUILTIN_EXPLANATIONS_SHUTDOWN", "CLASSIFICATION_METRICS_SCHEMA", "PREBUILT_TF_PREDICTION_IMAGE",
     "VertexConfigError", "check_vertex_ready", "deploy_model", "explanation_metadata_from_dict",
     "explanation_parameters_from_dict", "find_model", "gcs_uri", "get_or_create_endpoint", "import_evaluation",
-    "init_sdk", "serving_metrics", "upload_model", "warn_builtin_explanations",
+    "init_sdk", "readable_path", "serving_metrics", "serving_version", "set_default_version", "upload_model",
+    "warn_builtin_explanations", "CLASSIFICATION_SCHEMA_KEYS", "accuracy_from_schema_metrics",
+    "classification_schema_metrics",
 ]

@@ -6,6 +6,11 @@ Vertex the train component runs as a custom training job (machine type, replicas
 service account, timeout from config); locally it runs as a plain component. The gate is data,
 not control flow (``kfp.local`` runs no ``dsl.If``): upload, deploy and the smoke test receive the
 evaluation's decision and end cleanly, saying why, when it is "no".
+
+Caching is off on every task: a scheduled run starts with the same spec and parameters as the
+last one, so with caching Vertex would reuse every step's outputs and retrain, upload and deploy
+nothing; the gate must also re-score the champion each run. With ``data.eval_split_percent`` a
+split step first divides the one data pattern into training and evaluation records.
 """
 
 # (No "from __future__ import annotations": KFP reads the real annotation objects.)
@@ -52,6 +57,8 @@ def build_pipeline(cfg: Config):
         endpoint_display_name: str = cfg.deploy.endpoint_display_name,
         min_accuracy: float = cfg.gate.min_accuracy,
         require_not_worse: bool = cfg.gate.require_not_worse,
+        margin: float = cfg.gate.margin,
+        allow_first_deploy: bool = cfg.gate.allow_first_deploy,
         explanation_parameters: str = json.dumps(cfg.explanation.parameters),
         visualization: str = json.dumps(cfg.explanation.visualization),
         deploy_target: str = cfg.deploy.target,
@@ -64,6 +71,12 @@ def build_pipeline(cfg: Config):
     ):
         common = dict(backend=backend, registry_dir=registry_dir, project=project, location=location,
                       api_endpoint=api_endpoint)
+        tasks = []
+        if cfg.data.eval_split_percent:  # one pattern holds everything: split it by record hash first
+            split = ops["split_data"](data_path=train_data_path, eval_split_percent=cfg.data.eval_split_percent
+                                      ).set_display_name("split_data")
+            tasks.append(split)
+            train_data_path, eval_data_path = split.outputs["train_data_path"], split.outputs["eval_data_path"]
         trained = train_step(train_data_path=train_data_path, eval_data_path=eval_data_path, hub_handle=hub_handle,
                              batch_size=batch_size, num_epochs=num_epochs, learning_rate=learning_rate,
                              fine_tune_layers=fine_tune_layers, seed=seed, train_examples=train_examples
@@ -71,10 +84,12 @@ def build_pipeline(cfg: Config):
         exported = ops["export_signatures"](trained=trained.outputs["model"], visualization=visualization
                                             ).set_display_name("export_signatures")
         gate = ops["evaluate"](exported=exported.outputs["exported"], eval_data_path=eval_data_path,
-                               min_accuracy=min_accuracy, require_not_worse=require_not_worse,
-                               model_display_name=model_display_name, **common).set_display_name("evaluate")
+                               min_accuracy=min_accuracy, require_not_worse=require_not_worse, margin=margin,
+                               allow_first_deploy=allow_first_deploy, model_display_name=model_display_name,
+                               **common).set_display_name("evaluate")
         uploaded = ops["upload_model"](approved=gate.outputs["deploy"], exported=exported.outputs["exported"],
                                        display_name=model_display_name, metrics_json=gate.outputs["metrics_json"],
+                                       comparison_json=gate.outputs["comparison_json"],
                                        explanation_parameters=explanation_parameters, deploy_target=deploy_target,
                                        labels=json.dumps(cfg.model.labels),
                                        version_aliases=",".join(cfg.model.version_aliases),
@@ -86,8 +101,10 @@ def build_pipeline(cfg: Config):
                                        min_replica_count=cfg.deploy.min_replica_count,
                                        max_replica_count=cfg.deploy.max_replica_count,
                                        service_account=g.service_account, **common).set_display_name("deploy_model")
-        ops["explain_smoke"](endpoint=deployed.output, eval_data_path=eval_data_path, deploy_target=deploy_target,
-                             **common).set_display_name("explain_smoke")
+        smoke = ops["explain_smoke"](endpoint=deployed.output, eval_data_path=eval_data_path,
+                                     deploy_target=deploy_target, **common).set_display_name("explain_smoke")
+        for task in [*tasks, trained, exported, gate, uploaded, deployed, smoke]:
+            task.set_caching_options(False)  # every run retrains, re-scores, uploads and deploys
         if cfg.batch_predict.enabled:  # bulk explanations by the uploaded model (BatchPredictionJob on Vertex)
             b = cfg.batch_predict
             ops["batch_predict"](model_name=uploaded.output, source=b.source, destination=b.destination,

@@ -1,8 +1,11 @@
 """``make pipeline`` and ``make schedule``: the configuration's pipeline on Vertex AI.
 
-Checks first that a project, a region and credentials are there (one sentence if not), then
-compiles the spec for the configuration and submits it, or creates/updates/pauses/resumes the
-retraining schedule. The parameter values are the spec's defaults, which come from the config.
+Checks first that no example placeholder is left and every path is one Vertex can read
+(:mod:`pipeline.preflight`), then that a region and credentials are there, one sentence naming the
+field if not; then compiles the spec for the configuration and submits it, or
+creates/updates/pauses/resumes the retraining schedule. The parameter values are the spec's
+defaults, which come from the config. A schedule always runs with caching off: its runs repeat the
+same spec and parameters, and a cached run would retrain and deploy nothing.
 """
 
 import os
@@ -41,12 +44,13 @@ def schedule(cfg: Config, spec: str, action: str = "create"):
     compile_pipeline(cfg, spec)
     return schedules.create_or_update_schedule(spec, cfg.schedule.display_name, cfg.schedule.cron,
                                                cfg.schedule.max_concurrent_run_count, network=cfg.gcp.network or None,
-                                               **_common(cfg))
+                                               **{**_common(cfg), "enable_caching": False})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from components.vertex import VertexConfigError, check_vertex_ready
     from pipeline.cli import parse
+    from pipeline.preflight import PreflightError, check_submittable
 
     def extra(parser):
         parser.add_argument("command", choices=["submit", "schedule"])
@@ -58,12 +62,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if cfg.backend != "vertex":
             raise VertexConfigError(f"{args.config} has backend {cfg.backend!r}; Vertex AI needs backend: vertex.")
+        if args.command == "submit" or args.action == "create":
+            check_submittable(cfg)
         check_vertex_ready(cfg.gcp.project, cfg.gcp.region)
         if args.command == "submit":
             submit(cfg, args.spec)
         else:
             print(schedule(cfg, args.spec, args.action))
-    except VertexConfigError as exc:
+    except (VertexConfigError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

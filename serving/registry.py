@@ -9,25 +9,40 @@ Layout under ``root``::
     models/<model id>.json         {"versions": [<Model resource of each version>]}
     evaluations/<model id>.json    {"<versionId>": [<ModelEvaluation>]}
     endpoints/<endpoint id>.json   <Endpoint resource>
-    .registry.lock                 held by every read-modify-write
+    .registry.lock                 held by every read-modify-write of one file (milliseconds)
+    locks/model-<hash>.lock        held by :meth:`Registry.upload_version` for one model display name
+    locks/endpoint-<hash>.lock     held by :meth:`Registry.rollout` and :meth:`Registry.retire` for
+                                   one endpoint display name, across their several writes
 
-Every write is atomic (see :mod:`serving.storage`), so a crash never leaves a half-written file.
+Every write is atomic (see :mod:`serving.storage`), so a crash never leaves a half-written file,
+and temporary files a killed writer left are swept when a registry is opened.
+
+Why two levels of locks: a pipeline step is several writes (find the model by display name, then
+add a version; deploy, move the ``default`` alias, then undeploy the versions it replaces). Two
+steps interleaving those writes created two models with one display name, or undeployed each
+other's model. The display-name locks serialize whole steps, per model and per endpoint, while the
+file lock keeps each single write short. Both are ``flock`` locks on files, so they hold across
+processes, and the kernel releases them when a holder is killed. Steps are also idempotent (the
+same artifact uploaded again is the same version; a version already deployed is not deployed
+twice), so a step killed half-way is simply run again.
 
 Usage from the shell (``fire``): ``python -m serving.registry --root=DIR list_endpoints``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
+import hashlib
 import json
 import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from serving.storage import exclusive_lock, read_json, write_json_atomic
+from serving.storage import exclusive_lock, read_json, sweep_temp_files, write_json_atomic
 
 PROJECT = "local"
 LOCATION = "local"
@@ -175,6 +190,10 @@ class Registry:
         self._evaluations = self.root / "evaluations"
         self._endpoints = self.root / "endpoints"
         self._lock = self.root / ".registry.lock"
+        self._named_locks = self.root / "locks"
+        if self.root.is_dir():
+            with exclusive_lock(self._lock):  # every writer holds it: what is left is orphaned
+                sweep_temp_files(self.root)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -279,6 +298,59 @@ class Registry:
         base, _ = _split_version(str(name))
         return self._read_versions(_resource_id(base, "models"))
 
+    def merge_version_aliases(self, name: str, version_aliases: Iterable[str]) -> dict:
+        """Vertex's ``models.mergeVersionAliases`` on ``<model>@<version>``: each alias is added to
+        that version (and taken from the version that had it); ``-alias`` removes one. ``default``
+        can be moved here but not removed, so a model always has a default version."""
+        base, at = _split_version(str(name))
+        if at is None:
+            raise RegistryError(f"merge_version_aliases needs <model>@<version>, got {name!r}")
+        changes = list(version_aliases)
+        _validate_aliases([a[1:] if a.startswith("-") else a for a in changes])
+        if f"-{DEFAULT_ALIAS}" in changes:
+            raise RegistryError(f"merge_version_aliases: the {DEFAULT_ALIAS!r} alias cannot be removed, only moved")
+        model_id = _resource_id(base, "models")
+        with exclusive_lock(self._lock):
+            versions = self._read_versions(model_id)
+            target = next((v for v in versions if at == v["versionId"] or at in v.get("versionAliases", [])), None)
+            if target is None:
+                raise RegistryError(f"model {PARENT}/models/{model_id} has no version or alias {at!r}")
+            stamp = now_rfc3339()
+            for alias in changes:
+                if alias.startswith("-"):
+                    target["versionAliases"] = [a for a in target["versionAliases"] if a != alias[1:]]
+                    continue
+                for other in versions:
+                    if other is not target and alias in other.get("versionAliases", []):
+                        other["versionAliases"].remove(alias)
+                        other["versionUpdateTime"] = stamp
+                if alias not in target["versionAliases"]:
+                    target["versionAliases"].append(alias)
+            target["versionUpdateTime"] = stamp
+            write_json_atomic(self._models / f"{model_id}.json", {"versions": versions})
+            return copy.deepcopy(target)
+
+    def upload_version(self, display_name: str, artifact_uri: str, **kwargs: Any) -> dict:
+        """The pipeline's upload: a new version of the one model called ``display_name`` (a new
+        model if there is none), under that name's lock, so two runs uploading at once still make
+        one model. Idempotent: the artifact already registered under that name is returned, not
+        registered twice, so a step killed after its upload can be run again. The new version does
+        not take ``default`` (``is_default_version=False`` unless given): that alias moves when it
+        serves (:meth:`rollout`); only a model's first version is its default from the start."""
+        kwargs.setdefault("is_default_version", False)
+        artifact_uri = os.fspath(artifact_uri)
+        with self._display_name_lock("model", display_name):
+            existing = self.list_models(display_name=display_name)
+            if len(existing) > 1:
+                raise RegistryError(f"{len(existing)} models are called {display_name!r} in {self.root} "
+                                    f"({', '.join(m['name'] for m in existing)}); keep one")
+            if existing:
+                for version in self.list_model_versions(existing[0]["name"]):
+                    if version["artifactUri"] == artifact_uri:
+                        return copy.deepcopy(version)
+            return self.upload_model(display_name, artifact_uri,
+                                     parent_model=existing[0]["name"] if existing else None, **kwargs)
+
     def _read_versions(self, model_id: str) -> list[dict]:
         data = read_json(self._models / f"{model_id}.json")
         if data is None:
@@ -287,8 +359,10 @@ class Registry:
 
     # ------------------------------------------------------------------------ evaluations
     def import_model_evaluation(self, model_name: str, metrics: dict, display_name: str = "",
-                                metrics_schema_uri: str = _CLASSIFICATION_METRICS_SCHEMA) -> dict:
-        """Attach evaluation ``metrics`` (JSON values) to a model version (default if not named)."""
+                                metrics_schema_uri: str = _CLASSIFICATION_METRICS_SCHEMA,
+                                metadata: Mapping[str, Any] | None = None) -> dict:
+        """Attach evaluation ``metrics`` (JSON values) to a model version (default if not named);
+        ``metadata`` is free-form, like ModelEvaluation.metadata (e.g. the gate's comparison)."""
         if not isinstance(metrics, Mapping) or not metrics:
             raise RegistryError("import_model_evaluation: metrics must be a non-empty dict")
         try:
@@ -307,6 +381,8 @@ class Registry:
                 "metricsSchemaUri": metrics_schema_uri,
                 "createTime": now_rfc3339(),
             }
+            if metadata:
+                evaluation["metadata"] = json.loads(json.dumps(dict(metadata)))
             by_version.setdefault(version["versionId"], []).append(evaluation)
             write_json_atomic(path, by_version)
         return copy.deepcopy(evaluation)
@@ -397,6 +473,69 @@ class Registry:
             endpoint["trafficSplit"] = unallocate_traffic(endpoint["trafficSplit"], str(deployed_model_id))
 
         self._update_endpoint(endpoint_name, undeploy)
+
+    @contextlib.contextmanager
+    def _display_name_lock(self, kind: str, display_name: str) -> Iterator[None]:
+        """Held across a multi-write step on the model or endpoint called ``display_name``."""
+        digest = hashlib.sha256(str(display_name).encode()).hexdigest()[:24]
+        with exclusive_lock(self._named_locks / f"{kind}-{digest}.lock"):
+            yield
+
+    def endpoint_lock(self, display_name: str) -> contextlib.AbstractContextManager[None]:
+        """The lock :meth:`rollout` and :meth:`retire` hold on the endpoint called ``display_name``;
+        hold it to read an endpoint and act on what was read without another step in between."""
+        return self._display_name_lock("endpoint", display_name)
+
+    def rollout(self, endpoint_display_name: str, model_name: str, *, traffic_percentage: int = 100,
+                display_name: str = "", machine_type: str = "local", min_replica_count: int = 1,
+                max_replica_count: int = 1) -> dict:
+        """The pipeline's deploy, as one step under the endpoint's lock: deploy ``model_name``
+        (``<model>@<version>``) to the endpoint called ``endpoint_display_name`` (created once);
+        with all the traffic, move the ``default`` alias to it (it now serves) and undeploy every
+        other model there. A version already deployed is reused, so running the step again after a
+        kill finishes the job instead of deploying twice.
+
+        Returns ``{"endpoint", "deployed_model_id", "model", "undeployed", "reused"}``.
+        """
+        with self.endpoint_lock(endpoint_display_name):
+            version = self.get_model(model_name)
+            versioned = f"{version['name']}@{version['versionId']}"
+            endpoint = self.get_or_create_endpoint(endpoint_display_name)
+            current = next((d for d in endpoint["deployedModels"] if d["model"] == versioned), None)
+            reused = current is not None
+            if current is None:
+                current = self.deploy_model(endpoint["name"], versioned, traffic_percentage=traffic_percentage,
+                                            display_name=display_name, machine_type=machine_type,
+                                            min_replica_count=min_replica_count,
+                                            max_replica_count=max_replica_count)
+            undeployed: list[str] = []
+            if traffic_percentage == 100:
+                self.merge_version_aliases(versioned, [DEFAULT_ALIAS])
+                undeployed = self._retire_locked(endpoint["name"], keep=current["id"])
+            return {"endpoint": endpoint["name"], "deployed_model_id": current["id"], "model": versioned,
+                    "undeployed": undeployed, "reused": reused}
+
+    def retire(self, endpoint_name: str, deployed_model_ids: Iterable[str] | None = None) -> list[str]:
+        """Undeploy ``deployed_model_ids`` (all, if None) from an endpoint under its lock; ids
+        already gone are skipped (idempotent). Returns the ids undeployed now."""
+        endpoint = self.get_endpoint(endpoint_name)
+        with self.endpoint_lock(endpoint["displayName"]):
+            return self._retire_locked(endpoint["name"], only=None if deployed_model_ids is None
+                                       else {str(i) for i in deployed_model_ids})
+
+    def _retire_locked(self, endpoint_name: str, keep: str | None = None, only: set[str] | None = None) -> list[str]:
+        undeployed = []
+        for deployed in self.get_endpoint(endpoint_name)["deployedModels"]:
+            if deployed["id"] != keep and (only is None or deployed["id"] in only):
+                self.undeploy_model(endpoint_name, deployed["id"])
+                undeployed.append(deployed["id"])
+        return undeployed
+
+    def deployed_versions(self) -> set[tuple[str, str]]:
+        """(model name, version id) of every version deployed on any endpoint: what a server must
+        keep loaded, and nothing else."""
+        return {(d["model"].split("@")[0], d["modelVersionId"])
+                for endpoint in self.list_endpoints() for d in endpoint["deployedModels"]}
 
     def _update_endpoint(self, endpoint_name: str, change: Callable[[dict], Any]) -> Any:
         with exclusive_lock(self._lock):

@@ -4,7 +4,10 @@ Every write goes to a temporary file in the same directory, is flushed and ``fsy
 ``os.replace``-d over the target (atomic on POSIX) and the directory is ``fsync``-ed, so a reader
 or a crash mid-write sees either the old file or the new one, never half of one. Writers that
 read-modify-write hold an exclusive ``flock`` on a lock file so two processes cannot interleave
-and lose each other's update; readers need no lock because replacement is atomic.
+and lose each other's update; readers need no lock because replacement is atomic. A process killed
+between creating its temporary file and the rename leaves that file behind; since every write
+happens under the lock, :func:`sweep_temp_files` (called under the same lock) can only find such
+orphans, never a write in progress.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+#: Suffix of :func:`write_json_atomic`'s temporary files (``.<name>.<random>.tmp``).
+TEMP_SUFFIX = ".tmp"
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -30,7 +36,7 @@ def read_json(path: Path, default: Any = None) -> Any:
 def write_json_atomic(path: Path, value: Any) -> None:
     """Replace ``path`` with ``value`` as JSON such that a crash at any point leaves a valid file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(value, f, indent=2, sort_keys=False)
@@ -64,3 +70,14 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def sweep_temp_files(directory: Path) -> list[Path]:
+    """Remove the temporary files killed writers left under ``directory``; returns what was removed.
+    Call it holding the lock every writer holds, so no live write can lose its file."""
+    removed = []
+    for path in Path(directory).rglob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -69,55 +69,37 @@ def test_compiled_spec_wires_the_steps_the_gate_and_the_defaults(tmp_path):
 def test_vertex_target_trains_as_a_custom_job(tmp_path):
     spec = _compile("configs/vertex.yaml", tmp_path, ["gcp.project=my-project", "training.machine_type=n1-highmem-8"])
     tasks = spec["root"]["dag"]["tasks"]
-    assert _order(tasks)[0] == "train-op"
+    assert _order(tasks) == ["split-data-op", *STEPS]  # the lab's one pattern is split first
+    for name in ("train_data_path", "eval_data_path"):
+        assert tasks["train-op"]["inputs"]["parameters"][name]["taskOutputParameter"] == {
+            "outputParameterKey": name, "producerTask": "split-data-op"}
+    assert tasks["evaluate-op"]["inputs"]["parameters"]["eval_data_path"]["taskOutputParameter"][
+        "producerTask"] == "split-data-op"
     executor = spec["deploymentSpec"]["executors"][tasks["train-op"]["componentRef"]["name"].replace("comp-", "exec-")]
     assert "google_cloud_pipeline_components" in json.dumps(executor)  # the GCPC custom-job launcher
     train_inputs = spec["components"][tasks["train-op"]["componentRef"]["name"]]["inputDefinitions"]["parameters"]
     assert train_inputs["worker_pool_specs"]["defaultValue"][0]["machine_spec"]["machine_type"] == "n1-highmem-8"
 
 
-def test_gate_refuses_below_threshold_and_worse_than_serving():
-    from components.evaluate import gate
+def test_gate_refuses_below_threshold_worse_than_champion_and_fails_closed():
+    from components.evaluate import Champion, gate
 
-    assert gate({"accuracy": 0.7}, 0.8, None)[0] is False
-    ok, reason = gate({"accuracy": 0.9}, 0.8, {"accuracy": 0.95})
-    assert ok is False and "worse than the serving version" in reason
-    assert gate({"accuracy": 0.9}, 0.8, {"accuracy": 0.95}, require_not_worse=False)[0] is True
-    assert gate({"accuracy": 0.95}, 0.8, {"accuracy": 0.95})[0] is True
-
-
-def test_local_steps_add_versions_reuse_the_endpoint_and_retire_the_old(trained_model_dir, sample_data, tmp_path):
-    from components.deploy_model import deploy_model
-    from components.evaluate import evaluate
-    from components.upload_model import upload_model
-    from serving.registry import Registry
-
-    registry = str(tmp_path / "registry")
-    params = {"integrated_gradients_attribution": {"step_count": 20}}
-    first = evaluate(trained_model_dir, sample_data["eval_pattern"], 0.5, model_display_name="flowers", registry_dir=registry)
-    assert first["deploy"] and first["champion"] is None
-    up1 = upload_model(trained_model_dir, "flowers", first["metrics"], params, registry_dir=registry)
-    dep1 = deploy_model(up1["model"], "flowers-endpoint", registry_dir=registry)
-
-    second = evaluate(trained_model_dir, sample_data["eval_pattern"], 0.5, model_display_name="flowers", registry_dir=registry)
-    assert second["champion"]["accuracy"] == first["metrics"]["accuracy"]  # read back from the registry
-    up2 = upload_model(trained_model_dir, "flowers", second["metrics"], params, registry_dir=registry)
-    dep2 = deploy_model(up2["model"], "flowers-endpoint", registry_dir=registry)
-
-    reg = Registry(registry)
-    assert up2["parent_model"] == up1["model"].split("@")[0]
-    assert [v["versionId"] for v in reg.list_model_versions(up1["model"])] == ["1", "2"]
-    assert dep2["endpoint"] == dep1["endpoint"] and len(reg.list_endpoints()) == 1
-    assert dep2["undeployed"] == [dep1["deployed_model_id"]]
-    endpoint = reg.get_endpoint(dep2["endpoint"])
-    assert [d["id"] for d in endpoint["deployedModels"]] == [dep2["deployed_model_id"]]
-    assert endpoint["trafficSplit"] == {dep2["deployed_model_id"]: 100}
-    version = reg.get_model(up2["model"])
-    assert version["explanationSpec"]["metadata"]["inputs"]["image"]["input_tensor_name"] == "numpy_inputs"
-
-    # a stricter gate now refuses, naming why; the serving version keeps its traffic
-    third = evaluate(trained_model_dir, sample_data["eval_pattern"], 1.01, model_display_name="flowers", registry_dir=registry)
-    assert third["deploy"] is False and "below the threshold" in third["reason"]
+    serving = Champion("models/1@1", "gs://b/1", accuracy=0.95, source="scored")
+    assert gate(0.7, 0.8, None, allow_first_deploy=True)[0] is False  # below the threshold
+    ok, reason = gate(0.9, 0.8, serving)
+    assert ok is False and "worse than the serving version models/1@1 0.9500 (scored)" in reason
+    assert gate(0.9, 0.8, serving, require_not_worse=False)[0] is True
+    assert gate(0.95, 0.8, serving)[0] is True  # not worse
+    assert gate(0.955, 0.8, serving, margin=0.01)[0] is False  # not better by the stated margin
+    assert gate(0.94, 0.8, serving, margin=-0.02)[0] is True  # a tolerated dip
+    ok, reason = gate(0.9, 0.8, None)  # no champion at all: only a first deploy may pass
+    assert ok is False and "gate.allow_first_deploy" in reason
+    assert gate(0.9, 0.8, None, allow_first_deploy=True) == (True, "deploy: accuracy 0.9000 >= threshold 0.8000, "
+                                                                   "first deploy")
+    unreadable = Champion("models/1@2", "gs://b/2", problem="its model at gs://b/2 could not be scored (OSError: "
+                                                            "gone); it has no stored evaluation")
+    ok, reason = gate(0.99, 0.8, unreadable, allow_first_deploy=True)  # a champion that cannot be scored: closed
+    assert ok is False and "fail closed" in reason and "no stored evaluation" in reason
 
 
 def test_whole_pipeline_offline_ends_with_an_explained_prediction(sample_data, backbone_dir, tmp_path):
@@ -139,15 +121,53 @@ def test_whole_pipeline_offline_ends_with_an_explained_prediction(sample_data, b
     assert len(endpoints) == 1 and len(endpoints[0]["deployedModels"]) == 1
 
 
-def test_make_pipeline_without_a_project_fails_in_one_sentence():
+#: Everything configs/vertex.yaml leaves to fill in, filled.
+FILLED = ["gcp.project=p", "gcp.bucket=gs://b", "images.components=europe-docker.pkg.dev/p/r/components:1",
+          "images.serving=europe-docker.pkg.dev/p/r/serving:1"]
+
+
+def test_make_pipeline_with_a_placeholder_left_fails_in_one_sentence_naming_it():
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": ROOT, "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent.json"}
-    for command in (["submit"], ["schedule"], ["schedule", "--set", "gcp.project=p"]):
+    # (each run loads TensorFlow to check the explanation parameters: two runs; every field is checked in-process)
+    cases = [(["submit", "--set", "gcp.project=p", "--set", "gcp.bucket=gs://b"], "images.components"),
+             (["schedule", *[a for f in FILLED for a in ("--set", f)]], "credentials")]
+    for command, named in cases:
         out = subprocess.run([sys.executable, "-m", "pipeline.run_vertex", *command, "--config", "configs/vertex.yaml"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 1
+        assert out.returncode == 1, out.stderr
         (line,) = [l for l in out.stderr.splitlines() if l.startswith("error:")]
-        assert ("project" in line) if "gcp.project=p" not in command else ("credentials" in line)
+        assert named in line and line.count(". ") == 0 and line.endswith("."), line
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("field,value", [
+    ("gcp.project", "REPLACE_ME"), ("gcp.bucket", "gs://YOUR_BUCKET"), ("gcp.pipeline_root", "gs://YOUR_BUCKET/pipeline_root"),
+    ("images.components", "us-central1-docker.pkg.dev/PROJECT/flowers/components:latest"),
+    ("images.components", "python:3.11"), ("images.serving", ""),
+    ("data.train_data_path", "data/sample/train/*.tfrec"), ("training.hub_handle", "models/backbone"),
+    ("gcp.service_account", "pipelines@my-project.iam.gserviceaccount.com"),
+])
+def test_preflight_names_each_placeholder_or_unreadable_path(field, value):
+    from pipeline.preflight import problems
+
+    cfg = load_config(os.path.join(ROOT, "configs/vertex.yaml"), FILLED)
+    assert problems(cfg) == []  # the lab's data pattern is split, so no evaluation path to fill
+    (problem,) = problems(load_config(os.path.join(ROOT, "configs/vertex.yaml"), [*FILLED, f"{field}={value}"]))
+    assert problem.startswith(field) and problem.endswith(".") and problem.count(". ") == 0
+
+
+def test_evaluation_data_must_differ_from_training_data(sample_data):
+    with pytest.raises(ConfigError, match="data.eval_data_path: .* reads the training records"):
+        load_config(os.path.join(ROOT, "configs/vertex.yaml"),
+                    ["data.eval_split_percent=0", "data.eval_data_path=gs://asl-public/data/flowers-xai/*.tfrec"])
+    train = sample_data["train_pattern"]
+    with pytest.raises(ConfigError, match="data.eval_data_path"):  # another glob, the same files
+        load_config(os.path.join(ROOT, "configs/local.yaml"),
+                    [f"data.train_data_path={train}", f"data.eval_data_path={os.path.dirname(train)}/*"])
+    with pytest.raises(ConfigError, match="data.eval_data_path: must be empty"):
+        load_config(os.path.join(ROOT, "configs/vertex.yaml"), ["data.eval_data_path=gs://b/v/*.tfrec"])
+    with pytest.raises(ConfigError, match="data.eval_split_percent"):
+        load_config(os.path.join(ROOT, "configs/vertex.yaml"), ["data.eval_split_percent=80"])

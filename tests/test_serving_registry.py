@@ -229,3 +229,68 @@ def test_invalid_explanation_parameters_are_refused_at_upload(registry, artifact
         registry.upload_model("flowers", artifact,
                               explanation_parameters={"integratedGradientsAttribution": {"stepCount": 1000}})
     assert registry.list_models() == []
+
+
+def test_rollout_moves_default_after_deploy_and_is_idempotent(registry, artifact, tmp_path):
+    v1 = registry.upload_version("flowers", artifact)
+    assert registry.upload_version("flowers", artifact) == v1  # the same artifact again: the same version
+    other = tmp_path / "artifact2"
+    other.mkdir()
+    v2 = registry.upload_version("flowers", str(other))
+    assert (v1["versionAliases"], v2["versionAliases"]) == (["default"], [])  # not default before it serves
+    first = registry.rollout("e", f"{v1['name']}@1")
+    second = registry.rollout("e", f"{v1['name']}@2")
+    assert second["undeployed"] == [first["deployed_model_id"]] and not second["reused"]
+    assert registry.get_model(v1["name"])["versionId"] == "2"  # default moved once it served
+    again = registry.rollout("e", f"{v1['name']}@2")  # a retried step: nothing deployed twice
+    assert again["reused"] and again["deployed_model_id"] == second["deployed_model_id"]
+    (endpoint,) = registry.list_endpoints("e")
+    assert endpoint["trafficSplit"] == {second["deployed_model_id"]: 100}
+    assert registry.deployed_versions() == {(v1["name"], "2")}
+    canary = registry.upload_version("flowers", str(tmp_path))
+    registry.rollout("e", f"{v1['name']}@{canary['versionId']}", traffic_percentage=20)
+    assert registry.get_model(v1["name"])["versionId"] == "2"  # a canary does not take default
+    assert registry.retire(endpoint["name"], [second["deployed_model_id"], "404"]) == [second["deployed_model_id"]]
+    with pytest.raises(RegistryError, match="cannot be removed"):
+        registry.merge_version_aliases(f"{v1['name']}@2", ["-default"])
+
+
+def test_opening_the_registry_sweeps_temp_files_killed_writers_left(registry, artifact):
+    registry.upload_model("flowers", artifact)
+    orphan = registry.root / "models" / ".123.json.abcd.tmp"
+    orphan.write_text('{"half": ')
+    Registry(registry.root)
+    assert not orphan.exists() and len(registry.list_models()) == 1
+
+
+def test_model_cache_keeps_only_deployed_versions(exported_model_dir, tmp_path):
+    from serving.models import ModelCache
+
+    registry = Registry(tmp_path / "registry")
+    cache = ModelCache(tmp_path / "cache", deployed=registry.deployed_versions)
+    versions = []
+    for i in range(3):  # three retrains of one model, each deployed in turn
+        artifact = tmp_path / f"run-{i}"
+        artifact.symlink_to(exported_model_dir, target_is_directory=True)
+        version = registry.upload_version("flowers", str(artifact))
+        registry.rollout("e", f"{version['name']}@{version['versionId']}")
+        served = cache.get(registry.get_model(f"{version['name']}@{version['versionId']}"))
+        assert served.predict([_jpeg()]).shape == (1, 5)
+        versions.append(version)
+        assert [key[1] for key in cache.keys()] == [version["versionId"]]  # the undeployed one was dropped
+    canary = registry.upload_version("flowers", exported_model_dir)
+    registry.rollout("e", f"{canary['name']}@{canary['versionId']}", traffic_percentage=10)
+    cache.get(registry.get_model(f"{canary['name']}@{canary['versionId']}"))
+    assert sorted(key[1] for key in cache.keys()) == ["3", "4"]  # both deployed: both kept
+    registry.retire(registry.list_endpoints("e")[0]["name"])
+    assert len(cache.prune()) == 2 and cache.keys() == []
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 90)).save(out, format="JPEG")
+    return out.getvalue()

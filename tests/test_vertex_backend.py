@@ -20,6 +20,7 @@ from google.cloud import aiplatform
 from google.cloud.aiplatform import initializer
 from google.cloud.aiplatform.utils import resource_manager_utils
 
+from components.metrics_schema import accuracy_from_schema_metrics
 from components.vertex import (CLASSIFICATION_METRICS_SCHEMA, PREBUILT_TF_PREDICTION_IMAGE, VertexConfigError,
                                check_vertex_ready, deploy_model, find_model, import_evaluation, serving_metrics,
                                upload_model)
@@ -146,29 +147,34 @@ def test_evaluation_import_and_serving_metrics(vertex):
     first = upload_model("flowers", "gs://b/1", None, None, "img", **kw)
     assert serving_metrics("flowers", **kw) is None  # a model without an evaluation
 
-    metrics = {"accuracy": 0.8, "loss": 0.55, "per_class": {"daisy": {"precision": 0.75, "recall": 0.9}}}
+    metrics = {"accuracy": 0.8, "loss": 0.55, "per_class": {"daisy": {"precision": 0.75, "recall": 0.9}},
+               "confusion_matrix": [[3, 1], [0, 4]], "class_names": ["daisy", "roses"], "num_examples": 8}
     name = import_evaluation(first["versioned_resource_name"], metrics, metadata={"pipeline_job_id": "run-1"},
                              **kw)
     (request,) = stub.requests_to("POST", r"/evaluations:import$")
     assert request.path == first["versioned_resource_name"] + "/evaluations:import"
+    # Only the keys of classification_metrics_1.0.0.yaml (the stub refuses others, as Vertex validates).
     assert request.body == {"modelEvaluation": {
         "displayName": "pipeline evaluation",
         "metricsSchemaUri": CLASSIFICATION_METRICS_SCHEMA,
-        "metrics": {**metrics, "logLoss": 0.55,
-                    "confidenceMetrics": [{"confidenceThreshold": 0.0, "precisionAt1": 0.8, "recallAt1": 0.8}]},
+        "metrics": {"logLoss": 0.55,
+                    "confidenceMetrics": [{"confidenceThreshold": 0.0, "precisionAt1": 0.8, "recallAt1": 0.8}],
+                    "confusionMatrix": {"annotationSpecs": [{"id": "0", "displayName": "daisy"},
+                                                            {"id": "1", "displayName": "roses"}],
+                                        "rows": [[3.0, 1.0], [0.0, 4.0]]}},
         "metadata": {"pipeline_job_id": "run-1"}}}
     assert name.startswith(first["resource_name"] + "/evaluations/")
-    assert serving_metrics("flowers", **kw)["accuracy"] == pytest.approx(0.8)
+    assert accuracy_from_schema_metrics(serving_metrics("flowers", **kw)) == pytest.approx(0.8)
 
     # The new default version has no evaluation yet; once it has one, its figures are the ones served.
     second = upload_model("flowers", "gs://b/2", None, None, "img", **kw)
     assert serving_metrics("flowers", **kw) is None
     import_evaluation(second["versioned_resource_name"], {"accuracy": 0.9, "loss": 0.3}, **kw)
-    assert serving_metrics("flowers", **kw)["accuracy"] == pytest.approx(0.9)
+    assert accuracy_from_schema_metrics(serving_metrics("flowers", **kw)) == pytest.approx(0.9)
     # A challenger's evaluation does not change what is serving.
     third = upload_model("flowers", "gs://b/3", None, None, "img", is_default_version=False, **kw)
     import_evaluation(third["versioned_resource_name"], {"accuracy": 0.99}, **kw)
-    assert serving_metrics("flowers", **kw)["accuracy"] == pytest.approx(0.9)
+    assert accuracy_from_schema_metrics(serving_metrics("flowers", **kw)) == pytest.approx(0.9)
 
     with pytest.raises(ValueError, match="versioned model name"):
         import_evaluation(first["resource_name"], metrics, **kw)

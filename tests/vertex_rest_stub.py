@@ -65,6 +65,29 @@ def _display_name_filter(query: dict[str, str]) -> str | None:
     return match.group(1)
 
 
+#: ``classification_metrics_1.0.0.yaml``: its fields, at each level (Vertex validates imports against it).
+_CLASSIFICATION_FIELDS = {"auPrc", "auRoc", "logLoss", "confidenceMetrics", "confusionMatrix"}
+_CONFIDENCE_FIELDS = {"confidenceThreshold", "maxPredictions", "recall", "precision", "falsePositiveRate", "f1Score",
+                      "recallAt1", "precisionAt1", "falsePositiveRateAt1", "f1ScoreAt1", "truePositiveCount",
+                      "falsePositiveCount", "falseNegativeCount", "trueNegativeCount", "confusionMatrix"}
+_CONFUSION_FIELDS = {"annotationSpecs", "rows"}
+
+
+def _check_classification_metrics(metrics: dict) -> None:
+    """Refuse metrics the schema does not define, naming them, as Vertex's validation does."""
+    def unknown(found: dict, allowed: set[str], where: str) -> None:
+        extra = sorted(set(found) - allowed)
+        if extra:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"{where} has fields not in classification_metrics_1.0.0.yaml: "
+                                                   f"{extra}")
+
+    unknown(metrics, _CLASSIFICATION_FIELDS, "metrics")
+    for i, entry in enumerate(metrics.get("confidenceMetrics") or []):
+        unknown(entry, _CONFIDENCE_FIELDS, f"metrics.confidenceMetrics[{i}]")
+    if "confusionMatrix" in metrics:
+        unknown(metrics["confusionMatrix"], _CONFUSION_FIELDS, "metrics.confusionMatrix")
+
+
 def _camel(snake: str) -> str:
     head, *rest = snake.split("_")
     return head + "".join(part.title() for part in rest)
@@ -94,11 +117,14 @@ class VertexRestStub:
         self._ids = itertools.count(1000)
         self._lock = threading.Lock()
         self._routes: list[tuple[str, re.Pattern, Callable[..., Any]]] = []
+        self._failures: list[tuple[str, re.Pattern]] = []
         route = self._route
         route("POST", _LOCATION + r"/models:upload", self._upload_model)
         route("GET", _LOCATION + r"/models", self._list_models)
         route("GET", _LOCATION + r"/models/(?P<model>[^/:@]+)(?:@(?P<version>[^/:]+))?", self._get_model)
         route("GET", _LOCATION + r"/models/(?P<model>[^/:@]+):listVersions", self._list_versions)
+        route("POST", _LOCATION + r"/models/(?P<model>[^/:@]+)@(?P<version>[^/:]+):mergeVersionAliases",
+              self._merge_version_aliases)
         route("POST", _LOCATION + r"/models/(?P<model>[^/:@]+)(?:@(?P<version>[^/:]+))?/evaluations:import",
               self._import_evaluation)
         route("GET", _LOCATION + r"/models/(?P<model>[^/:@]+)(?:@(?P<version>[^/:]+))?/evaluations",
@@ -143,6 +169,10 @@ class VertexRestStub:
             path = match.group(1) if match else unquote(url.path)
             self.requests.append(Request(method, path, query, payload))
             try:
+                for i, (fail_method, fail_pattern) in enumerate(self._failures):
+                    if fail_method == method and fail_pattern.search(path):
+                        del self._failures[i]
+                        raise ApiError(HTTPStatus.BAD_REQUEST, f"injected failure of {method} {path}")
                 for route_method, pattern, handler in self._routes:
                     found = pattern.fullmatch(path)
                     if found and route_method == method:
@@ -165,6 +195,12 @@ class VertexRestStub:
         operation = {"name": name, "done": True, "response": {"@type": API + response_type, **response}}
         self.state.operations[name] = operation
         return operation
+
+    def fail_next(self, method: str, pattern: str) -> None:
+        """Answer the next request matching ``method`` and ``pattern`` (re.search on the path) with a
+        400 ``injected failure``, without acting on it: a deploy that fails, for instance."""
+        with self._lock:
+            self._failures.append((method, re.compile(pattern)))
 
     def requests_to(self, method: str, pattern: str) -> list[Request]:
         """Recorded requests whose method matches and whose path matches ``pattern`` (re.search)."""
@@ -230,6 +266,25 @@ class VertexRestStub:
     def _list_versions(self, project, location, model, query, body):
         return {"models": self._model_versions(project, location, model)}
 
+    def _merge_version_aliases(self, project, location, model, version, query, body):
+        """Vertex: an added alias moves from the version that had it; ``-alias`` removes one; the
+        ``default`` alias can only be moved."""
+        target = self._version(project, location, model, version)
+        changes = body.get("versionAliases") or []
+        if not changes:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "version_aliases must not be empty")
+        if "-default" in changes:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the default alias cannot be removed")
+        for alias in changes:
+            if alias.startswith("-"):
+                target["versionAliases"] = [a for a in target.get("versionAliases", []) if a != alias[1:]]
+                continue
+            for other in self._model_versions(project, location, model):
+                other["versionAliases"] = [a for a in other.get("versionAliases", []) if a != alias]
+            target.setdefault("versionAliases", []).append(alias)
+        target["versionUpdateTime"] = _now()
+        return target
+
     def _versioned_name(self, project, location, model, version) -> str:
         resolved = self._version(project, location, model, version)
         return f"{resolved['name']}@{resolved['versionId']}"
@@ -238,6 +293,8 @@ class VertexRestStub:
         evaluation = copy.deepcopy(body.get("modelEvaluation") or {})
         if not evaluation.get("metricsSchemaUri"):
             raise ApiError(HTTPStatus.BAD_REQUEST, "model_evaluation.metrics_schema_uri is required")
+        if evaluation["metricsSchemaUri"].endswith("/classification_metrics_1.0.0.yaml"):
+            _check_classification_metrics(evaluation.get("metrics") or {})
         key = self._versioned_name(project, location, model, version)
         evaluation.update(name=f"projects/{project}/locations/{location}/models/{model}/evaluations/{self._new_id()}",
                           createTime=_now())
