@@ -300,7 +300,7 @@ def _check_resume(output_dir: str, manifest: dict[str, Any]) -> None:
 
 
 def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mapping[str, Any] | None = None,
-                  explain: bool = True, shard_size: int = 256, batch_size: int | None = None, figures: bool = False,
+                  explain: bool = True, shard_size: int = 64, batch_size: int | None = None, figures: bool = False,
                   key_only: bool = False, progress: bool = True, engine: Engine | None = None) -> dict[str, Any]:
     """Predict (and, with ``explain``, explain) every instance of ``input`` into ``output_dir`` in
     Vertex's batch-prediction layout; resumes a run killed in the middle.
@@ -389,7 +389,7 @@ def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mappi
 
 
 def main(input: str, output_dir: str, model_dir: str, method: str = "ig", step_count: int = 50,
-         parameters: str | dict | None = None, predict_only: bool = False, shard_size: int = 256,
+         parameters: str | dict | None = None, predict_only: bool = False, shard_size: int = 64,
          batch_size: int | None = None, figures: bool = False, key_only: bool = False) -> str:
     """Bulk predictions with explanations in Vertex's batch-prediction output layout (resumable).
 
