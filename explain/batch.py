@@ -329,7 +329,7 @@ def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mappi
     else:
         parameters = None
     started = time.perf_counter()
-    source = resolve_input(input)
+    source = resolve_input(input, exclude=output_dir)
     num_records = count_records(source)
     num_shards = max(1, -(-num_records // shard_size))
     tf.io.gfile.makedirs(output_dir)

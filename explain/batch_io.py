@@ -86,9 +86,11 @@ def _walk(directory: str) -> list[str]:
     return files
 
 
-def resolve_input(spec: str) -> Source:
+def resolve_input(spec: str, exclude: str | None = None) -> Source:
     """Files of ``spec``: a folder (searched recursively), a glob or a file, local or ``gs://``;
-    several joined by commas. All files must be of one kind (images, TFRecords or JSONL)."""
+    several joined by commas. All files must be of one kind (images, TFRecords or JSONL). Files
+    under ``exclude`` (the run's own output directory, which may sit inside an input folder) are
+    not input."""
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if not parts:
         raise BatchInputError("no input given (a folder, a glob, TFRecords or JSONL files)")
@@ -107,6 +109,11 @@ def resolve_input(spec: str) -> Source:
             if not matched:
                 raise BatchInputError(f"{part}: no files match")
         files.extend(f for f in sorted(matched) if f not in files)
+    if exclude:
+        prefix = exclude.rstrip("/") + "/"
+        files = [f for f in files if not f.startswith(prefix)]
+        if not files:
+            raise BatchInputError(f"{spec}: holds nothing but the output directory {exclude}")
     kinds = {f: _kind_of(f) for f in files}
     unknown = [f for f, k in kinds.items() if k is None]
     if unknown:

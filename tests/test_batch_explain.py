@@ -162,6 +162,11 @@ def test_bad_input_and_mismatched_resume_fail_clearly(tmp_path, image_folder, ex
     explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
     with pytest.raises(BatchResumeError, match="explain"):
         explain_batch(str(image_folder), str(out), exported_model_dir, IG, shard_size=4, progress=False)
+    # The output may sit inside the input folder: its files are not read as input on a rerun.
+    inside = image_folder / "explanations"
+    first = explain_batch(str(image_folder), str(inside), exported_model_dir, explain=False, progress=False)
+    again = explain_batch(str(image_folder), str(inside), exported_model_dir, explain=False, progress=False)
+    assert first["num_records"] == again["num_records"] == 7 and again["skipped_shards"] == 1
 
 
 def test_cli_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, exported_model_dir):
