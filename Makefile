@@ -78,6 +78,9 @@ pipeline-local: data backbone ## Run the whole pipeline offline with kfp.local (
 pipeline: venv ## Submit the pipeline to Vertex AI Pipelines (VERTEX_CONFIG, default configs/vertex.yaml)
 	$(RUN) -m pipeline.run_vertex submit --config $(VERTEX_CONFIG)
 
+preflight: venv ## List what in VERTEX_CONFIG would stop a Vertex run (placeholders, paths Vertex cannot read)
+	$(RUN) -m pipeline.preflight --config $(VERTEX_CONFIG)
+
 schedule: venv ## Create or update the retraining schedule on Vertex AI (ACTION=pause|resume to pause or resume it)
 	$(RUN) -m pipeline.run_vertex schedule --config $(VERTEX_CONFIG) $(if $(ACTION),--action $(ACTION))
 
@@ -106,4 +109,4 @@ clean: ## Remove generated data, models, runs, builds and the virtual environmen
 	rm -rf data runs models artifacts outputs local_registry dist build *.egg-info .pytest_cache $(VENV) .venv-compat
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv lock data backbone train export explain batch-explain demo compile pipeline-local pipeline schedule image compat serve serve-model test bench sdist clean
+.PHONY: help venv lock data backbone train export explain batch-explain demo compile pipeline-local pipeline preflight schedule image compat serve serve-model test bench sdist clean

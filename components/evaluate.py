@@ -147,10 +147,12 @@ def gate(accuracy: float, min_accuracy: float, champion: Champion | None, margin
             return True, f"deploy: accuracy {accuracy:.4f} >= threshold {min_accuracy:.4f}, first deploy"
         return False, ("not deployed: no model of this name is registered, so there is no champion to compare "
                        "with; set gate.allow_first_deploy: true for the first deploy")
+    if not require_not_worse:
+        return True, f"deploy: accuracy {accuracy:.4f} >= threshold {min_accuracy:.4f} (no comparison asked for)"
     if champion.accuracy is None:
         return False, f"not deployed (fail closed): the serving version {champion.model}: {champion.problem}"
     against = f"serving version {champion.model} {champion.accuracy:.4f} ({champion.source})"
-    if require_not_worse and accuracy < champion.accuracy + margin:
+    if accuracy < champion.accuracy + margin:
         return False, (f"not deployed: accuracy {accuracy:.4f} is worse than the {against} "
                        f"plus the margin {margin:+.4f}")
     return True, f"deploy: accuracy {accuracy:.4f} >= threshold {min_accuracy:.4f}, {against}, margin {margin:+.4f}"

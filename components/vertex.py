@@ -220,7 +220,8 @@ def upload_model(display_name: str, artifact_uri: str, explanation_metadata: dic
                  serving_container_ports: Sequence[int] | None = None) -> dict[str, str]:
     """Upload the exported SavedModel at ``artifact_uri`` (gs://, or /gcs/ inside a pipeline) to the registry.
 
-    When a model named ``display_name`` exists, this becomes its next version (``parent_model``);
+    When a model named ``display_name`` exists, this becomes its next version (``parent_model``), unless
+    one of its versions already holds ``artifact_uri`` (a retried step), which is returned instead;
     ``is_default_version`` moves the ``default`` alias to it. With ``explanation_metadata`` (the export
     step's ``explanation_metadata.json``) the model gets Vertex's built-in explanation spec, which is
     being retired (a warning says so); with None it is uploaded without one, for the project's own
@@ -240,6 +241,12 @@ def upload_model(display_name: str, artifact_uri: str, explanation_metadata: dic
     parent = find_model(display_name, project=project, location=location, api_endpoint=api_endpoint,
                         credentials=credentials)
     if parent is not None:
+        for version in parent.api_client.list_model_versions(name=parent.resource_name):
+            if version.artifact_uri.rstrip("/") == artifact_uri.rstrip("/"):  # a retried step: done already
+                _LOGGER.info("%s@%s already holds %s", parent.resource_name, version.version_id, artifact_uri)
+                return {"resource_name": parent.resource_name, "version_id": version.version_id,
+                        "display_name": display_name,
+                        "versioned_resource_name": f"{parent.resource_name}@{version.version_id}"}
         _LOGGER.info("adding a version to %s (default version %s)", parent.resource_name, parent.version_id)
     model = aiplatform.Model.upload(
         display_name=display_name,

@@ -100,6 +100,7 @@ def test_gate_refuses_below_threshold_worse_than_champion_and_fails_closed():
                                                             "gone); it has no stored evaluation")
     ok, reason = gate(0.99, 0.8, unreadable, allow_first_deploy=True)  # a champion that cannot be scored: closed
     assert ok is False and "fail closed" in reason and "no stored evaluation" in reason
+    assert gate(0.99, 0.8, unreadable, require_not_worse=False)[0] is True  # no comparison asked for
 
 
 def test_whole_pipeline_offline_ends_with_an_explained_prediction(sample_data, backbone_dir, tmp_path):

@@ -294,3 +294,21 @@ def _jpeg() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 90)).save(out, format="JPEG")
     return out.getvalue()
+
+
+def test_a_deploy_that_fails_leaves_default_on_the_serving_version(registry, artifact, tmp_path, monkeypatch):
+    v1 = registry.upload_version("flowers", artifact)
+    registry.rollout("e", f"{v1['name']}@1")
+    v2 = registry.upload_version("flowers", str(tmp_path))
+
+    def crash(src, dst):  # the deploy's endpoint write dies before it lands
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(storage.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        registry.rollout("e", f"{v2['name']}@{v2['versionId']}")
+    monkeypatch.undo()
+    assert registry.get_model(v1["name"])["versionId"] == "1"  # default: still the version that serves
+    assert [d["modelVersionId"] for d in registry.list_endpoints("e")[0]["deployedModels"]] == ["1"]
+    registry.rollout("e", f"{v2['name']}@{v2['versionId']}")  # the retried step completes
+    assert registry.get_model(v1["name"])["versionId"] == "2"

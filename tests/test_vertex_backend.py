@@ -119,6 +119,10 @@ def test_upload_sends_export_metadata_and_retrain_adds_a_version(vertex, exporte
     assert body["model"]["versionAliases"] == ["run-2", "default"]
     assert (second["resource_name"], second["version_id"]) == (first["resource_name"], "2")
 
+    # The same artifact again (a retried step) is the version that already holds it: no second upload.
+    again = upload_model("flowers", "gs://bucket/runs/2/model/", None, None, "img", **kw)
+    assert again == second and len(stub.requests_to("POST", r"/models:upload$")) == 2
+
     # A challenger that does not take the default alias.
     third = upload_model("flowers", "gs://bucket/runs/3/model", None, None, "img", labels=None,
                          version_aliases=["challenger"], is_default_version=False, **kw)
@@ -346,3 +350,43 @@ def test_submit_cli_without_credentials_fails_with_one_sentence(tmp_path, tiny_t
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: No Google Cloud credentials found") and _one_sentence(last), result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------- scheduled retrains
+def test_scheduled_runs_retrain_caching_is_off_in_the_spec_and_the_schedule_request(vertex, monkeypatch, tmp_path):
+    """Caching on, Vertex would reuse every step of a scheduled run (same spec, same parameters) and
+    retrain nothing. Every compiled task has caching off, and the schedule sends enable_caching false
+    even when the configuration asks for caching (it may, for hand-submitted runs)."""
+    import google.auth
+    import yaml
+
+    from components.config import load_config
+    from pipeline.run_vertex import schedule, submit
+
+    stub, kw = vertex
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (AnonymousCredentials(), PROJECT))
+    overrides = [f"gcp.project={PROJECT}", f"gcp.region={LOCATION}", f"gcp.api_endpoint={kw['api_endpoint']}",
+                 "gcp.bucket=gs://flowers-bucket", "images.components=europe-docker.pkg.dev/p/r/components:1",
+                 "images.serving=europe-docker.pkg.dev/p/r/serving:1"]
+    spec_path = str(tmp_path / "spec.yaml")
+    cfg = load_config(os.path.join(REPO_ROOT, "configs/vertex.yaml"), [*overrides, "pipeline.enable_caching=true"])
+    schedule(cfg, spec_path)
+
+    spec = yaml.safe_load(open(spec_path))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"split-data-op", "train-op", "evaluate-op", "upload-model-op", "deploy-model-op"} <= set(tasks)
+    for name, task in tasks.items():  # compiled: no task may be served from the cache
+        assert not task.get("cachingOptions", {}).get("enableCache", False), name
+    (body,) = _bodies(stub, "POST", r"/schedules$")
+    sent = body["createPipelineJobRequest"]["pipelineJob"]["pipelineSpec"]["root"]["dag"]["tasks"]
+    assert set(sent) == set(tasks)
+    assert {name: task["cachingOptions"] for name, task in sent.items()} == {
+        name: {"enableCache": False} for name in tasks}
+    assert body["createPipelineJobRequest"]["pipelineJob"]["runtimeConfig"]["gcsOutputDirectory"] == \
+        "gs://flowers-bucket/pipeline_root"
+
+    # A hand-submitted run with the shipped config (caching off) sends the same.
+    submit(load_config(os.path.join(REPO_ROOT, "configs/vertex.yaml"), overrides), spec_path)
+    (job,) = _bodies(stub, "POST", r"/pipelineJobs$")
+    assert {task["cachingOptions"]["enableCache"] for task in job["pipelineSpec"]["root"]["dag"]["tasks"].values()} \
+        == {False}
