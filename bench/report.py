@@ -49,54 +49,102 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(t: dict) -> list[str]:
-    lines = [f"**{t['caption']}**", "", "| " + " | ".join(t["columns"]) + " |",
+def network_label(results: dict) -> str:
+    """The network every figure was measured on, from the build info (one place)."""
+    backbone = (results.get("build") or {}).get("backbone") or {}
+    params = backbone.get("parameters")
+    return (f"MobileNetV2 1.0 @ 192 ({params:,} parameters, {backbone.get('feature_dim')}-d features)"
+            if params else "MobileNetV2 1.0 @ 192 (2,257,984 parameters, 1280-d features)")
+
+
+def _machine_label(m: dict) -> str:
+    return f"{m['cpu']}, {m['cores']} cores"
+
+
+def _table(t: dict, context: str = "") -> list[str]:
+    lines = [f"**{t['caption']}**" + (f" _({context})_" if context else ""), "",
+             "| " + " | ".join(t["columns"]) + " |",
              "|" + "|".join(" --- " for _ in t["columns"]) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in t["rows"]]
     return lines + [""]
+
+
+#: The sizes of each comparison, from the profile, printed under its title.
+SIZES = {
+    "ig_speed": ("ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats"),
+    "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder"),
+    "training": ("num_train", "num_eval", "training_epochs", "training_repeats"),
+    "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch"),
+    "scale": ("scale_steps", "scale_batches", "scale_sizes", "scale_base_steps", "scale_repeats"),
+    "batch_throughput": ("batch_images", "batch_repeats"),
+    "quality": ("quality_images", "quality_steps", "quality_ig_steps", "sanity_images", "pic_images",
+                "smoothgrad_samples", "smoothgrad_steps"),
+}
 
 
 def render(results: dict, report_path: str) -> str:
     """The markdown text; figure links are relative to ``report_path``."""
     m, profile = results["machine"], results["profile"]
     base = os.path.dirname(os.path.abspath(report_path))
+    network, where = network_label(results), _machine_label(m)
+    context = f"{network}; {where}"
     lines = ["# Benchmarks", "",
              "Written by `make bench` (`python -m bench`). Every comparison ran in its own process, against its "
              "reference in the same run, contenders alternating; raw figures are in "
              f"`{os.path.relpath(results['results_json'], base)}`.", "",
-             "## Machine", "",
-             f"- CPU: {m['cpu']}, {m['cores']} cores available to the run; memory {m['memory_gib']} GiB; "
-             f"GPU: {m['gpu']}",
-             f"- {m['os']}, Python {m['python']}",
-             "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-             f"- profile `{profile['name']}`; last started {results['started']}; building the inputs plus every "
-             f"comparison: {results.get('total_seconds', results['wall_seconds']) / 60:.1f} min", "",
-             "## Reproduce", "", "```bash",
-             "make bench                      # = PYTHONPATH=. python -m bench (full profile, writes this file)",
-             "python -m bench --only ig_speed # one comparison; --quick for the smoke-test sizes",
-             "```", "",
-             "Inputs are built offline and cached under `bench/.cache/<profile>/` (synthetic flowers with masks, "
-             "the MobileNetV2-style backbone in TF Hub format, the trained and exported classifier); delete it "
-             "to rebuild.", ""]
-    build = results.get("build")
-    if build:
-        lines += [f"Built for this run: data {build['seconds'].get('data', 0):.0f} s, backbone "
-                  f"{build['seconds'].get('backbone', 0):.0f} s, classifier "
-                  f"{build['seconds'].get('train', 0):.0f} s; the classifier's validation accuracy "
-                  f"{build['validation_accuracy']:.1%}.", ""]
+             f"**Network:** {network}, the offline build of TF Hub's `mobilenet_v2_100_192/feature_vector` "
+             f"architecture, with a 5-class softmax head. **Machine:** {where}. **Profile:** `{profile['name']}`.",
+             ""]
     headline = {k: v for r in results["comparisons"].values() if "headline" in r for k, v in r["headline"].items()}
     if headline:
-        lines += ["## Headline figures", "", "| figure | value |", "| --- | --- |"]
+        lines += ["## Headline figures", "", f"_{context}_", "", "| figure | value |", "| --- | --- |"]
         lines += [f"| {k} | {'>= ' if 'lower bound' in k else ''}{_fmt(v)}{'x' if 'speed-up' in k else ''} |"
                   for k, v in headline.items()]
         lines += [""]
+    lines += ["## Machine", "",
+              f"- CPU: {m['cpu']}, {m['cores']} cores available to the run; memory {m['memory_gib']} GiB; "
+              f"GPU: {m['gpu']}",
+              f"- {m['os']}, Python {m['python']}",
+              "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+              f"- profile `{profile['name']}`; last started {results['started']}; building the inputs plus every "
+              f"comparison: {results.get('total_seconds', results['wall_seconds']) / 60:.1f} min", "",
+              "## Reproduce", "", "```bash",
+              "make bench                      # = PYTHONPATH=. python -m bench (full profile, writes this file)",
+              "python -m bench --only ig_speed # one comparison; --quick for the smoke-test sizes",
+              "```", "",
+              "The backbone is the one cached build under `models/backbone` that the demo and the tests share "
+              "(`trainer.backbone.ensure_backbone`, rebuilt only when its recipe changes). The data (synthetic "
+              "flowers with masks) and the trained, exported classifier are cached under "
+              "`bench/.cache/<profile>/`; delete it to rebuild.", ""]
+    build = results.get("build")
+    if build:
+        backbone = build.get("backbone") or {}
+        recipe = backbone.get("recipe") or {}
+        secs = build.get("seconds", {})
+        lines += [f"Backbone: {backbone.get('dir', '?')}, recipe " + ", ".join(f"{k}={v}" for k, v in recipe.items())
+                  + (" (reused: the cached build matched)" if backbone.get("reused") else
+                     f" (built for this run in {backbone.get('seconds', 0):.0f} s)")
+                  + (f"; pre-training validation accuracy {backbone['pretrain_val_accuracy']:.1%}"
+                     if backbone.get("pretrain_val_accuracy") is not None else "") + ".", "",
+                  ("Data and classifier: reused from the cache" if build.get("reused") else
+                   f"Data and classifier built for this run: data {secs.get('data', 0):.0f} s, classifier "
+                   f"{secs.get('train', 0):.0f} s, export {secs.get('export', 0):.0f} s")
+                  + f"; {profile['num_train']} training and {profile['num_eval']} validation images, "
+                  f"{profile['train_epochs']} epochs; the classifier's validation accuracy "
+                  f"{build['validation_accuracy']:.1%}.", ""]
     for name, r in results["comparisons"].items():
         if "error" in r:
             lines += [f"## {name}", "", f"Failed: `{r['error']}`", ""]
             continue
+        if "skipped" in r:
+            lines += [f"## {name}", "", f"Skipped: {r['skipped']}", ""]
+            continue
         lines += [f"## {r['title']}", "", r.get("description", ""), ""]
+        sizes = ", ".join(f"{k}={profile[k]}" for k in SIZES.get(name, ()) if k in profile)
+        if sizes:
+            lines += [f"Sizes: {sizes}. Network: {network}. Machine: {where}.", ""]
         for t in r.get("tables", []):
-            lines += _table(t)
+            lines += _table(t, context)
         for fig in r.get("figures", []):
             rel = os.path.relpath(fig, base)
             lines += [f"![{os.path.basename(fig)}]({rel})", ""]

@@ -1,8 +1,8 @@
 """5. Scale: how Integrated Gradients time grows with the step count, the batch of instances and
 the image size, for ours, ``saliency`` and the tutorial (one plot, three panels).
 
-Image sizes need a model of each input size: an untrained network of the same MobileNetV2-style
-architecture is exported per size (time does not depend on the weights).
+Image sizes need a model of each input size: an untrained MobileNetV2 1.0 at that size (the
+architecture of the real backbone) is exported per size (time does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _contenders(model_dir: str, images: np.ndarray, steps: int) -> dict:
     ours, tutorial, lib, call = _models(model_dir)
     baselines, classes = np.zeros_like(images), np.zeros(len(images), np.int32)
     return {
-        "ours": lambda: IntegratedGradients().GetMask(images, baselines, classes, ours, step_count=steps),
+        "ours": lambda: IntegratedGradients().GetMask(images, baselines, classes, ours, step_count=steps,
+                                                      quadrature="riemann_middle"),
         "saliency": lambda: [lib.GetMask(x, call, {"class_index": 0}, x_baseline=b, x_steps=steps, batch_size=32)
                              for x, b in zip(images, baselines)],
         "tutorial": lambda: [tutorial(b, x, 0, m_steps=steps - 1) for x, b in zip(images, baselines)],
@@ -81,7 +82,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     for batch in profile.scale_batches:
         measure("batch", batch, assets.model_dir, data.images[:batch], base_steps)
     for size in profile.scale_sizes:
-        directory = _export_size(size, os.path.join(os.path.dirname(assets.model_dir), f"scale_{size}"))
+        directory = assets.model_dir if size == 192 else _export_size(
+            size, os.path.join(os.path.dirname(assets.model_dir), f"scale_{size}"))
         images = tf.image.resize(data.images[:1], (size, size)).numpy()
         measure("size", size, directory, images, base_steps)
 
@@ -104,7 +106,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     plt.close(fig)
     return {
         "title": "5. Scale",
-        "description": (f"Median of {profile.scale_repeats} alternating runs per point. Batch: ours takes all "
+        "description": (f"MobileNetV2 1.0 (the trained model at 192; untrained ones at the other sizes), fixed "
+                        f"steps (midpoint for ours). Median of {profile.scale_repeats} alternating runs per point. Batch: ours takes all "
                         f"instances in one call; `saliency` and the tutorial loop over them, as they explain one "
                         f"image per call."),
         "tables": [table("Seconds per call", ["varying", "value", "implementation", "seconds"], rows)],

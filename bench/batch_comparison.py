@@ -1,0 +1,53 @@
+"""6. Bulk explanations and predictions (``explain.batch``, as ``make batch-explain`` runs them)
+against their floors: the measurement itself is :func:`bench.batch_throughput.run`; this module
+feeds it the benchmark's validation images and turns its figures into the report's table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from bench.common import table
+from bench.fixtures import Assets
+from bench.profiles import Profile
+
+
+def validation_jpegs(pattern: str, n: int) -> list[bytes]:
+    """The encoded images of the first ``n`` validation records, as a user's folder would hold them."""
+    import tensorflow as tf
+
+    from trainer.data import list_files
+
+    spec = {"image": tf.io.FixedLenFeature([], tf.string)}
+    records = tf.data.TFRecordDataset(list_files(pattern)).take(n)
+    return [tf.io.parse_single_example(r, spec)["image"].numpy() for r in records]
+
+
+def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
+    if importlib.util.find_spec("bench.batch_throughput") is None:
+        return {"skipped": "bench/batch_throughput.py is not in this tree"}
+    from bench.batch_throughput import run as measure
+
+    images = validation_jpegs(assets.eval_pattern, profile.batch_images)
+    steps = profile.ig_start_steps
+    r = measure(assets.model_dir, images, step_count=steps, batch_size=8, repeats=profile.batch_repeats)
+    rows = [["explanations (IG, default request)", r["explain_seconds_per_image"],
+             r["explain_floor_seconds_per_image"], r["explain_vs_floor"]],
+            ["predictions", r["predict_seconds_per_image"], r["serving_default_seconds_per_image"],
+             r["predict_vs_serving_default"]]]
+    return {
+        "title": "6. Bulk explanations and predictions (explain.batch)",
+        "description": (f"{r['images']} validation JPEGs written to a folder and run through `explain_batch` "
+                        f"(read, check, decode, explain or predict, draw, write JSON lines), explain calls of "
+                        f"{r['batch_size']} images, the median of {profile.batch_repeats} run(s) after a warm-up. "
+                        f"Explanation floor: {steps} evaluations x one batched forward+backward pass per image "
+                        f"({r['forward_backward_seconds_per_image'] * 1000:.1f} ms); the default request refines "
+                        f"beyond {steps} evaluations where completeness fails, so a ratio under 1 can be extra "
+                        f"evaluations, not overhead. Prediction reference: `serving_default` in process on batches "
+                        f"of the same encoded images."),
+        "tables": [table("Seconds per image", ["work", "explain.batch s / image", "reference s / image",
+                                               "reference / ours"], rows)],
+        "headline": {"bulk explanations, floor / ours": r["explain_vs_floor"],
+                     "bulk predictions, serving_default / ours": r["predict_vs_serving_default"]},
+        "raw": r,
+    }
