@@ -1,6 +1,7 @@
 """Multi-worker training: two ``trainer.train`` processes on 127.0.0.1 (one configured by ``TF_CONFIG``,
 one by Vertex's ``CLUSTER_SPEC``) train one model with ``MultiWorkerMirroredStrategy``, reach the
-single process's accuracy, and leave one set of outputs, the chief's."""
+single process's accuracy, resume from the chief's checkpoint after both are killed, and leave one
+set of outputs, the chief's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import trainer  # noqa: F401  (legacy Keras before TensorFlow)
@@ -71,21 +73,34 @@ def test_cluster_from_tf_config_and_vertex_cluster_spec():
         read_cluster({"CLUSTER_SPEC": json.dumps({"cluster": {"pool9": []}})})
 
 
-def test_two_workers_train_one_model_as_accurate_as_one_process(tmp_path):
+def _start_workers(environments: list[dict], flags: list[str], log_dir: Path, run: str) -> list:
+    processes = []
+    for i, env in enumerate(environments):
+        with open(log_dir / f"{run}-worker{i}.log", "w") as log:
+            processes.append(subprocess.Popen([sys.executable, "-m", "trainer.train", *flags], env=env, stdout=log,
+                                              stderr=subprocess.STDOUT))
+    return processes
+
+
+def _logs(log_dir: Path, run: str) -> list[str]:
+    return [(log_dir / f"{run}-worker{i}.log").read_text() for i in range(2)]
+
+
+def test_two_workers_train_one_model_as_accurate_as_one_process_and_resume_after_a_kill(tmp_path):
     from trainer.synthetic import write_dataset
     from trainer.train import train_and_evaluate
 
     data = write_dataset(str(tmp_path / "data"), num_train=200, num_eval=80, seed=5, num_shards=2,
                          image_size=(SIZE, SIZE))
     backbone = _small_test_network(str(tmp_path / "small_test_network"))
+    multi_dir = tmp_path / "multi"
     flags = [f"--train_data_path={data['train_pattern']}", f"--eval_data_path={data['eval_pattern']}",
              f"--hub_handle={backbone}", "--batch_size=16", "--num_epochs=30", f"--image_size={SIZE}",
-             "--learning_rate=0.03", "--seed=3", "--verbose=0"]
+             "--learning_rate=0.03", "--seed=3", "--verbose=2", f"--output_dir={multi_dir}"]
 
     # Two workers: the chief told by TF_CONFIG, the other by Vertex's CLUSTER_SPEC.
     chief, worker = (f"127.0.0.1:{p}" for p in _free_ports(2))
-    multi_dir = tmp_path / "multi"
-    base = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    base = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     base.pop("TF_CONFIG", None)
     environments = [
         {**base, "TF_CONFIG": json.dumps({"cluster": {"chief": [chief], "worker": [worker]},
@@ -93,18 +108,31 @@ def test_two_workers_train_one_model_as_accurate_as_one_process(tmp_path):
         {**base, "CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": [chief], "workerpool1": [worker]},
                                              "task": {"type": "workerpool1", "index": 0}})},
     ]
-    logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]
-    processes = [subprocess.Popen([sys.executable, "-m", "trainer.train", *flags, f"--output_dir={multi_dir}"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-                 for env, log in zip(environments, logs)]
+    # First run: killed (both workers, as a preempted Vertex job is) once two epochs are checkpointed.
+    first = _start_workers(environments, flags, tmp_path, "first")
+    deadline = time.monotonic() + 240
     try:
-        codes = [p.wait(timeout=240) for p in processes]
+        while "Epoch 3/30" not in _logs(tmp_path, "first")[0] and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in first), "\n----\n".join(_logs(tmp_path, "first"))
+            time.sleep(0.1)
     finally:
-        for p in processes:
+        for p in first:
+            p.kill()
+            p.wait(timeout=30)
+    assert "Epoch 30/30" not in _logs(tmp_path, "first")[0], "training ended before the kill"
+    assert not (multi_dir / "metrics.json").exists()
+
+    # Second run: same command; it resumes from the chief's checkpoint instead of starting over.
+    second = _start_workers(environments, flags, tmp_path, "second")
+    try:
+        codes = [p.wait(timeout=240) for p in second]
+    finally:
+        for p in second:
             if p.poll() is None:
                 p.kill()
-    texts = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    texts = _logs(tmp_path, "second")
     assert codes == [0, 0], "\n----\n".join(t[-3000:] for t in texts)
+    assert "Epoch 1/30" not in texts[0] and "Epoch 30/30" in texts[0]
 
     # The single-process reference, same data, flags and seed.
     single = train_and_evaluate(train_data_path=data["train_pattern"], eval_data_path=data["eval_pattern"],
@@ -123,7 +151,10 @@ def test_two_workers_train_one_model_as_accurate_as_one_process(tmp_path):
     # One set of outputs: the chief's. The worker wrote no model, metrics, logs or checkpoint copies.
     assert (multi_dir / "keras_model" / "saved_model.pb").exists()
     assert sorted(p.name for p in multi_dir.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
-    assert len(list((multi_dir / "logs").rglob("events.out.tfevents.*"))) == 1
+    chief_pids = {str(first[0].pid), str(second[0].pid)}
+    events = list((multi_dir / "logs").rglob("events.out.tfevents.*"))
+    # TensorBoard names its files ...tfevents.<time>.<host>.<pid>...: each was written by a chief process.
+    assert events and all(e.name.split(".")[5] in chief_pids for e in events), ([e.name for e in events], chief_pids)
     assert not [p for p in (multi_dir / "checkpoints").rglob("*") if "workertemp" in p.name]
     worker_summary = json.loads(texts[1].strip().splitlines()[-1])
     assert worker_summary["num_examples"] == 0  # the worker did not evaluate: the chief did
