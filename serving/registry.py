@@ -192,8 +192,11 @@ class Registry:
         self._lock = self.root / ".registry.lock"
         self._named_locks = self.root / "locks"
         if self.root.is_dir():
-            with exclusive_lock(self._lock):  # every writer holds it: what is left is orphaned
-                sweep_temp_files(self.root)
+            try:
+                with exclusive_lock(self._lock):  # every writer holds it: what is left is orphaned
+                    sweep_temp_files(self.root)
+            except PermissionError:  # a read-only registry (a server's mount): nothing to sweep there
+                pass
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"

@@ -46,14 +46,16 @@ _WORKER = textwrap.dedent("""
         elif op == "deploy" and r.list_models(name):
             versions = r.list_model_versions(r.list_models(name)[0]["name"])
             v = rng.choice(versions)
-            r.rollout(%r, v["name"] + "@" + v["versionId"], traffic_percentage=rng.choice([100, 100, 40]))
+            serving = any(e["deployedModels"] for e in r.list_endpoints(%r))  # (a canary needs a model to share with)
+            r.rollout(%r, v["name"] + "@" + v["versionId"], traffic_percentage=rng.choice([100, 100, 40]) if serving
+                      else 100)
         elif op == "undeploy" and r.list_endpoints(%r):
             endpoint = r.list_endpoints(%r)[0]
             ids = [d["id"] for d in endpoint["deployedModels"]]
             if len(ids) > 1:  # keep one serving, as a rollout would
                 r.retire(endpoint["name"], [rng.choice(ids)])
         print(i, op, flush=True)
-""" % (NAMES, ENDPOINT, ENDPOINT, ENDPOINT))
+""" % (NAMES, ENDPOINT, ENDPOINT, ENDPOINT, ENDPOINT))
 
 _RACER = textwrap.dedent("""
     import json, os, sys, time
@@ -135,13 +137,14 @@ def test_kill_9_at_random_points_and_races_leave_a_consistent_serving_registry(t
         for round_ in range(ROUNDS):
             workers = [_python(_WORKER, str(root), ",".join(artifacts), str(rng.randrange(10**6)))
                        for _ in range(rng.choice([1, 2, 2, 3]))]
-            time.sleep(rng.uniform(0.3, 0.9))  # start-up, then a random point in the loop
+            started = [worker.stdout.readline() for worker in workers]  # each is at work (whatever the load)
+            time.sleep(rng.uniform(0.0, 0.4))  # then a random point in its loop
             for worker in workers:
                 worker.send_signal(signal.SIGKILL)
-            for worker in workers:
+            for worker, first in zip(workers, started):
                 out, err = worker.communicate(timeout=30)
-                assert worker.returncode == -signal.SIGKILL, f"worker failed on its own:\n{err[-3000:]}"
-                ops_done += len(out.splitlines())
+                assert first and worker.returncode == -signal.SIGKILL, f"worker failed on its own:\n{err[-3000:]}"
+                ops_done += 1 + len(out.splitlines())
                 kills += 1
             endpoint = check_invariants(root)
             if endpoint.get("deployedModels"):
