@@ -19,6 +19,7 @@ import json
 import math
 import os
 import posixpath
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -266,6 +267,7 @@ def _fit_distributed(strategy, cluster: Cluster, train_data_path: str, train_ds:
         history = head.fit(features_ds, epochs=num_epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                            verbose=verbose)
         if not cluster.is_chief:
+            shutil.rmtree(own_dir, ignore_errors=True)  # scratch: nothing of a worker's is kept
             return None, history
         plain_head = build_head(num_classes, train_x.shape[1])
         plain_head.set_weights(head.get_weights())
@@ -275,6 +277,7 @@ def _fit_distributed(strategy, cluster: Cluster, train_data_path: str, train_ds:
     history = model.fit(train_ds.repeat(), epochs=num_epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                         verbose=verbose)
     if not cluster.is_chief:
+        shutil.rmtree(own_dir, ignore_errors=True)
         return None, history
     plain = build_model(hub_handle, num_classes, size, fine_tune_layers, learning_rate)
     plain.set_weights(model.get_weights())
