@@ -15,7 +15,7 @@ import numpy as np
 
 from explain.integrated_gradients import IntegratedGradients
 from explain.model import ExplainableModel
-from explain.parameters import (XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
+from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
                                 ExplanationParametersError, parse_explanation_parameters)
 from explain.paths import LINEAR, SCALE_SPACE, gaussian_blur
 from explain.visualization import encode_jpeg_b64, parse_visualization, render_attribution
@@ -66,9 +66,20 @@ def _selected_outputs(probs: np.ndarray, config: ExplanationConfig) -> list[list
 def _metadata_baselines(input_md: Mapping[str, Any], shape: tuple[int, ...], input_key: str) -> list[np.ndarray]:
     """Vertex ``input_baselines``: scalars broadcast to the input shape, or full-shape arrays."""
     raw = input_md.get("input_baselines", input_md.get("inputBaselines")) or []
+    where = f"explanation metadata inputs.{input_key}.input_baselines"
+    if not isinstance(raw, list):
+        raise ExplanationParametersError(f"{where} must be a list of baselines (scalars or arrays), got {raw!r:.80}")
+    if len(raw) > MAX_BASELINES:
+        raise ExplanationParametersError(f"{where} lists {len(raw)} baselines; at most {MAX_BASELINES} are allowed")
     baselines = []
     for i, value in enumerate(raw):
-        array = np.asarray(value, np.float32)
+        try:
+            array = np.asarray(value, np.float32)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ExplanationParametersError(f"{where}[{i}] must be a number or a nested list of numbers "
+                                             f"({type(e).__name__}: {str(e)[:80]})") from None
+        if not np.isfinite(array).all():
+            raise ExplanationParametersError(f"{where}[{i}] holds non-finite values")
         if array.ndim == len(shape) + 1 and array.shape[0] == 1:
             array = array[0]
         if array.ndim == 0:

@@ -26,6 +26,7 @@ Our extensions (NOT Vertex fields) live in the method dict beside ``step_count``
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -38,6 +39,17 @@ MIN_NOISY_SAMPLE_COUNT, MAX_NOISY_SAMPLE_COUNT = 1, 50
 DEFAULT_NOISY_SAMPLE_COUNT = 3
 
 DEFAULT_MAX_ADAPTIVE_STEPS = 400
+# Validation caps (not Vertex's; they keep every number finite and every list short, so a tiny
+# request cannot ask for unbounded work; a server's cost budget then bounds the product).
+#: The highest ``max_step_count`` accepted: well above any useful adaptive cap.
+MAX_ADAPTIVE_STEP_COUNT = 2000
+#: Images are in [0, 1]: a noise or blur beyond these only overflows or blurs to the mean colour.
+MAX_NOISE_SIGMA = 100.0
+MAX_BLUR_SIGMA = 1000.0
+#: Most named baselines, and most distinct ``output_indices``, one request may list.
+MAX_BASELINES = 8
+MAX_OUTPUT_INDICES = 1000
+MAX_SEED = 2**63 - 1
 NAMED_BASELINES = ("black", "white", "random", "blurred")
 BLUR_PATHS = ("scale_space", "linear")
 EXTENSION_KEYS = ("quadrature", "target_error", "max_step_count", "baseline", "blur_path", "seed")
@@ -135,6 +147,8 @@ def _unknown(fields: Mapping[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _number(value: Any, field: str, kind: type = float) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, Infinity, 1e400 from JSON
+        raise ExplanationParametersError(f"{field} must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
         raise ExplanationParametersError(f"{field} must be {'an integer' if kind is int else 'a number'}, "
                                          f"got {value!r}")
@@ -148,10 +162,11 @@ def _in_range(value: Any, field: str, low: int, high: int) -> int:
     return value
 
 
-def _positive(value: Any, field: str) -> float:
+def _positive(value: Any, field: str, high: float | None = None) -> float:
     value = _number(value, field)
-    if not value > 0:
-        raise ExplanationParametersError(f"{field} must be > 0, got {value}")
+    if not value > 0 or (high is not None and value > high):
+        raise ExplanationParametersError(f"{field} must be > 0{f' and <= {high:g}' if high is not None else ''}, "
+                                         f"got {value}")
     return value
 
 
@@ -165,7 +180,7 @@ def _smooth_grad(raw: Any, where: str) -> SmoothGradConfig:
     count = raw.get("noisy_sample_count") or DEFAULT_NOISY_SAMPLE_COUNT  # proto3: 0 = unset
     count = _in_range(count, f"{where}.noisy_sample_count", MIN_NOISY_SAMPLE_COUNT, MAX_NOISY_SAMPLE_COUNT)
     if has_sigma:
-        return SmoothGradConfig(noise_sigma=_positive(raw["noise_sigma"], f"{where}.noise_sigma"),
+        return SmoothGradConfig(noise_sigma=_positive(raw["noise_sigma"], f"{where}.noise_sigma", MAX_NOISE_SIGMA),
                                 noisy_sample_count=count)
     features = raw["feature_noise_sigma"]
     entries = features.get("noise_sigma") if isinstance(features, Mapping) else None
@@ -177,7 +192,7 @@ def _smooth_grad(raw: Any, where: str) -> SmoothGradConfig:
         field = f"{where}.feature_noise_sigma.noise_sigma[{i}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
             raise ExplanationParametersError(f"{field} must have a string 'name' and a 'sigma'")
-        pairs.append((entry["name"], _positive(entry.get("sigma"), f"{field}.sigma")))
+        pairs.append((entry["name"], _positive(entry.get("sigma"), f"{field}.sigma", MAX_NOISE_SIGMA)))
     return SmoothGradConfig(feature_noise_sigma=tuple(pairs), noisy_sample_count=count)
 
 
@@ -198,7 +213,7 @@ def _method(raw: Any, method: str, where: str) -> AttributionMethodConfig:
         if not isinstance(cfg, Mapping):
             raise ExplanationParametersError(f"{where}.blur_baseline_config must be an object")
         _unknown(cfg, {"max_blur_sigma"}, f"{where}.blur_baseline_config")
-        sigma = _positive(cfg.get("max_blur_sigma"), f"{where}.blur_baseline_config.max_blur_sigma")
+        sigma = _positive(cfg.get("max_blur_sigma"), f"{where}.blur_baseline_config.max_blur_sigma", MAX_BLUR_SIGMA)
         path = raw.get("blur_path", "scale_space")
         if path not in BLUR_PATHS:
             raise ExplanationParametersError(f"{where}.blur_path must be one of {BLUR_PATHS}, got {path!r}")
@@ -207,30 +222,49 @@ def _method(raw: Any, method: str, where: str) -> AttributionMethodConfig:
         raise ExplanationParametersError(f"{where}.blur_path needs blur_baseline_config")
 
     quadrature = raw.get("quadrature", DEFAULT_QUADRATURE)
-    if quadrature not in QUADRATURE_RULES:
+    if not isinstance(quadrature, str) or quadrature not in QUADRATURE_RULES:
         raise ExplanationParametersError(f"{where}.quadrature must be one of {sorted(QUADRATURE_RULES)}, "
                                          f"got {quadrature!r}")
     target = raw.get("target_error")
     if target is not None:
         target = _positive(target, f"{where}.target_error")
     max_steps = _number(raw.get("max_step_count", DEFAULT_MAX_ADAPTIVE_STEPS), f"{where}.max_step_count", int)
+    if max_steps > MAX_ADAPTIVE_STEP_COUNT:
+        raise ExplanationParametersError(f"{where}.max_step_count must be <= {MAX_ADAPTIVE_STEP_COUNT}, "
+                                         f"got {max_steps}")
     if max_steps < step_count:
         raise ExplanationParametersError(f"{where}.max_step_count ({max_steps}) must be >= step_count "
                                          f"({step_count})")
 
     baselines = raw.get("baseline")
     if baselines is not None:
-        baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
-        bad = [b for b in baselines if b not in NAMED_BASELINES]
+        baselines = (baselines,) if isinstance(baselines, str) else \
+            tuple(baselines) if isinstance(baselines, (list, tuple)) else (baselines,)
+        bad = [b for b in baselines if not isinstance(b, str) or b not in NAMED_BASELINES]
         if bad or not baselines:
             raise ExplanationParametersError(f"{where}.baseline must be one or more of {NAMED_BASELINES}, "
                                              f"got {raw['baseline']!r}")
         if blur is not None:
             raise ExplanationParametersError(f"{where}: set either baseline or blur_baseline_config, not both")
+        if len(baselines) > MAX_BASELINES:
+            raise ExplanationParametersError(f"{where}.baseline lists {len(baselines)} baselines; at most "
+                                             f"{MAX_BASELINES} are allowed")
     seed = _number(raw.get("seed", 0), f"{where}.seed", int)
+    if not 0 <= seed <= MAX_SEED:
+        raise ExplanationParametersError(f"{where}.seed must be in [0, 2**63 - 1], got {seed}")
     return AttributionMethodConfig(method=method, step_count=step_count, smooth_grad=smooth,
                                    blur_baseline=blur, quadrature=quadrature, target_error=target,
                                    max_step_count=max_steps, baselines=baselines, seed=seed)
+
+
+def max_path_evaluations(attribution: AttributionMethodConfig) -> int:
+    """The most gradient evaluations (forward+backward passes) one IG path of this configuration
+    may spend: the figure a server's cost model multiplies by the number of paths of a request
+    (instances x outputs x baselines x SmoothGrad samples) before doing any work. One place for
+    this fact, so the explainer's refinement and the server's budget never disagree."""
+    if attribution.target_error is None:
+        return attribution.step_count
+    return max(attribution.step_count, attribution.max_step_count, 2)  # a trapezoid grid has 2 ends
 
 
 def _flat_ints(value: Any, field: str) -> tuple[int, ...]:
@@ -267,6 +301,10 @@ def parse_explanation_parameters(params: Mapping[str, Any] | None) -> Explanatio
         indices = _flat_ints(indices, "output_indices")
         if not indices or min(indices) < 0:
             raise ExplanationParametersError(f"output_indices must be non-negative integers, got {raw['output_indices']!r}")
+        indices = tuple(dict.fromkeys(indices))  # a class explained twice is the same explanation
+        if len(indices) > MAX_OUTPUT_INDICES:
+            raise ExplanationParametersError(f"output_indices lists {len(indices)} distinct outputs; at most "
+                                             f"{MAX_OUTPUT_INDICES} are allowed")
     return ExplanationConfig(attribution=attribution, top_k=top_k, output_indices=indices or None)
 
 

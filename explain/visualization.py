@@ -70,16 +70,25 @@ def _choice(raw: Mapping[str, Any], key: str, allowed: tuple[str, ...], default:
     return value
 
 
+def _percent(raw: Mapping[str, Any], key: str, default: float) -> float:
+    value = raw.get(key) or default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ExplanationParametersError(f"visualization.{key} must be a number in [0, 100], got {raw[key]!r:.80}")
+    return float(value)
+
+
 def parse_visualization(raw: Mapping[str, Any] | None, method: str = IG_METHOD) -> VisualizationConfig:
     """Resolve an ``InputMetadata.Visualization`` dict (or None) for ``method``'s defaults."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ExplanationParametersError(f"visualization must be an object, got {raw!r:.80}")
     raw = {re.sub(r"(?<!^)(?=[A-Z])", "_", str(k)).lower(): v for k, v in (raw or {}).items()}
     allowed = {"type", "polarity", "color_map", "clip_percent_upperbound", "clip_percent_lowerbound", "overlay_type"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ExplanationParametersError(f"visualization: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
     xrai = method == XRAI_METHOD
-    upper = float(raw.get("clip_percent_upperbound") or 99.9)  # proto3: 0 = unset
-    lower = float(raw.get("clip_percent_lowerbound") or 62.0)
+    upper = _percent(raw, "clip_percent_upperbound", 99.9)  # proto3: 0 = unset
+    lower = _percent(raw, "clip_percent_lowerbound", 62.0)
     if not 0 <= lower < upper <= 100:
         raise ExplanationParametersError(f"visualization clip bounds must satisfy 0 <= clip_percent_lowerbound "
                                          f"({lower}) < clip_percent_upperbound ({upper}) <= 100")

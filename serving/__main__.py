@@ -10,13 +10,24 @@ import os
 import tempfile
 from typing import Any, Mapping, Sequence
 
+from serving.batching import BatchingParameters
 from serving.instances import Limits
 
 DEFAULT_PORT = 8080  # Vertex's AIP_HTTP_PORT default
+#: Kubernetes (which runs Vertex's prediction containers) waits 30 s after SIGTERM before SIGKILL:
+#: in-flight requests get 20 s, leaving time to cancel what remains and exit.
+DEFAULT_GRACEFUL_SHUTDOWN_S = 20.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    defaults = Limits()
+    defaults, batching = Limits(), BatchingParameters()
     p = argparse.ArgumentParser(
         prog="python -m serving", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve Vertex AI's prediction REST API (GET endpoint, :predict, :explain, :rawPredict) "
@@ -33,6 +44,26 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--max_instances", type=int, default=defaults.max_instances, help="most instances per request")
     p.add_argument("--max_image_pixels", type=int, default=defaults.max_image_pixels,
                    help="largest image (width x height), checked from the header before decoding")
+    p.add_argument("--explain_budget", type=_positive_int,
+                   default=environ.get("AIP_EXPLAIN_BUDGET") or None,
+                   help="most gradient evaluations one explanation request may cost (instances x outputs x "
+                        "baselines x SmoothGrad samples x steps per path); larger requests get a 400 "
+                        "(env AIP_EXPLAIN_BUDGET; default explain.cost.DEFAULT_EXPLAIN_BUDGET, 1000)")
+    p.add_argument("--request_deadline_s", type=float,
+                   default=float(environ.get("AIP_REQUEST_DEADLINE_S") or defaults.request_deadline_s),
+                   help="each request's deadline: work still running then is stopped and answered 504 "
+                        "(env AIP_REQUEST_DEADLINE_S)")
+    p.add_argument("--body_timeout_s", type=float, default=defaults.body_timeout_s,
+                   help="time a client has to send its request body (408 after)")
+    p.add_argument("--graceful_shutdown_s", type=float, default=DEFAULT_GRACEFUL_SHUTDOWN_S,
+                   help="after SIGTERM, time in-flight requests have to finish before they are cancelled")
+    p.add_argument("--allowed_hosts", default=None,
+                   help="comma-separated Host names to answer; default: loopback names when bound to "
+                        "loopback, any otherwise")
+    p.add_argument("--max_batch_size", type=_positive_int, default=batching.max_batch_size,
+                   help=":predict batching: most instances per model call (TF Serving's max_batch_size)")
+    p.add_argument("--batch_timeout_micros", type=int, default=batching.batch_timeout_micros,
+                   help=":predict batching: longest wait for a batch to fill (TF Serving's batch_timeout_micros)")
     p.add_argument("--explanation_parameters", default=environ.get("EXPLANATION_PARAMETERS"),
                    help="default explanation parameters (Vertex JSON, or a path/URI of a JSON file) for models "
                         "without an explanationSpec; default env EXPLANATION_PARAMETERS")
@@ -71,11 +102,12 @@ def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     environ = os.environ if environ is None else environ
     args = _parser(environ).parse_args(argv)  # before heavy imports: --help stays instant
 
-    from serving.app import ServerConfig
+    from serving.app import LOOPBACK_HOSTS, ServerConfig
     from serving.backends import ModelDirBackend, RegistryBackend
     from serving.registry import Registry
 
-    limits = Limits(args.max_body_bytes, args.max_instances, args.max_image_pixels)
+    limits = Limits(args.max_body_bytes, args.max_instances, args.max_image_pixels,
+                    request_deadline_s=args.request_deadline_s, body_timeout_s=args.body_timeout_s)
     parameters = load_parameters(args.explanation_parameters)
     if parameters is not None:  # fail at start, not at the first request
         from explain import ExplanationParametersError, parse_explanation_parameters
@@ -98,9 +130,20 @@ def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         backend = ModelDirBackend(fetch_model(model, args.cache_dir), parameters)
     else:
         raise SystemExit("nothing to serve: give --registry DIR or --model DIR (or set AIP_STORAGE_URI)")
+    if args.allowed_hosts:
+        allowed_hosts = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+    else:
+        allowed_hosts = LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS or args.host == "localhost" else None
+    try:
+        batching = BatchingParameters(max_batch_size=args.max_batch_size,
+                                      batch_timeout_micros=args.batch_timeout_micros)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     config = ServerConfig(backend=backend, cache_dir=args.cache_dir, limits=limits, health_route=health_route,
                           predict_route=predict_route, explanation_parameters=parameters,
-                          preload=bool(predict_route))
+                          preload=not args.registry, explain_budget=args.explain_budget,
+                          allowed_hosts=allowed_hosts, batching=batching,
+                          graceful_shutdown_s=args.graceful_shutdown_s)
     return config, args.host, args.port, args.log_level
 
 
@@ -111,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from serving.app import create_app
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+    # After SIGTERM uvicorn stops accepting, lets in-flight requests finish for the grace period,
+    # then cancels them (their explanations stop within one chunk) and exits.
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=config.graceful_shutdown_s)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ class RegistryBackend:
     def endpoint(self, name: str) -> dict[str, Any]:
         try:
             return self.registry.get_endpoint(name)
-        except RegistryError as e:
-            raise RequestError(str(e), 404, "NOT_FOUND") from e
+        except (RegistryError, OSError, ValueError) as e:  # OSError: a name the file system refuses
+            raise RequestError(str(e) if isinstance(e, RegistryError) else f"endpoint {name[:200]!r} not found",
+                               404, "NOT_FOUND") from e
 
     def version(self, deployed_model: dict[str, Any]) -> dict[str, Any]:
         try:

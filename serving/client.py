@@ -20,6 +20,8 @@ import httpx
 from trainer.schema import SERVING_INPUT
 
 _METHODS = {"ig": "integratedGradientsAttribution", "xrai": "xraiAttribution"}
+#: How the server words a request over its cost budget (explain.cost.check_cost).
+_OVER_BUDGET = "gradient evaluations per request"
 
 
 class EndpointError(RuntimeError):
@@ -59,6 +61,9 @@ def endpoint_explainer(endpoint_url: str, override: Mapping[str, Any] | None = N
                 detail = f"{error['status']}: {error['message']}"
             except (ValueError, KeyError, TypeError):
                 detail = response.text[:500]
+            if response.status_code == 400 and _OVER_BUDGET in detail and len(images) > 1:
+                half = len(images) // 2  # the server's cost budget is per request: send fewer images
+                return [*explain(images[:half]), *explain(images[half:])]
             raise EndpointError(f"{url} answered HTTP {response.status_code}: {detail}")
         return response.json()["explanations"]
 

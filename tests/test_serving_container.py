@@ -46,7 +46,8 @@ def container(exported_model_dir, tmp_path_factory):
     port, cache = _free_port(), tmp_path_factory.mktemp("cache")
     env = {**os.environ, "PYTHONPATH": str(REPO), "AIP_HTTP_PORT": str(port), "AIP_HEALTH_ROUTE": HEALTH_ROUTE,
            "AIP_PREDICT_ROUTE": PREDICT_ROUTE, "AIP_STORAGE_URI": f"file://{exported_model_dir}",
-           "EXPLANATION_PARAMETERS": json.dumps({"integratedGradientsAttribution": {"stepCount": 4}})}
+           "EXPLANATION_PARAMETERS": json.dumps({"integratedGradientsAttribution": {"stepCount": 4}}),
+           "AIP_EXPLAIN_BUDGET": "5000"}  # 3 outputs at the adaptive cap (3 x 400) must fit
     log = tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "serving", "--cache_dir", str(cache),

@@ -132,9 +132,9 @@ BAD_REQUESTS = [
      "unsupported image format TIFF"),
     ("over the pixel budget", json.dumps({"instances": [instance(encode(np.zeros((600, 600, 3), np.uint8),
                                                                         "PNG"))]}).encode(), 400,
-     "600x600 = 360000 pixels, over the budget"),
+     "600x600 = 360000 pixels, over the server's budget of 262144 pixels"),
     ("bomb header", json.dumps({"instances": [instance(png_with_header_size(100_000, 100_000))]}).encode(), 400,
-     "instances[0].bytes_inputs: image is"),
+     "instances[0].bytes_inputs: image is over the server's budget of 262144 pixels"),
     ("too many instances", json.dumps({"instances": [GOOD] * 5}).encode(), 400, "too many instances: 5 > "),
     ("parameters not an object", json.dumps({"instances": [GOOD], "parameters": [1]}).encode(), 400,
      "'parameters' must be a JSON object"),
@@ -159,7 +159,8 @@ def test_chunked_body_over_the_limit_is_refused(served):
         for _ in range(40):
             yield b"x" * 10_000
 
-    response = httpx.post(endpoint_url(served) + ":predict", content=chunks(), timeout=60)
+    response = httpx.post(endpoint_url(served) + ":predict", content=chunks(), timeout=60,
+                          headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "over the limit" in response.json()["error"]["message"]
 
 

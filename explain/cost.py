@@ -1,0 +1,98 @@
+"""What an explanation request may cost, computed from its parameters before any work.
+
+An explanation's work is its number of gradient evaluations (forward+backward passes of the
+network): one IG path per (instance, explained output, baseline, SmoothGrad sample), each path
+spending at most :func:`explain.parameters.max_path_evaluations`. Both factors are known from the
+validated parameters and the model's metadata alone, so a server can refuse a request that would
+exceed its budget with a clear answer instead of discovering it minutes (and gigabytes) later.
+The figures come from the same places the explainer reads (``_METHOD_DEFAULT_BASELINES``, the
+metadata's ``input_baselines``, the output names), so the estimate and the work never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from explain.explainer import _METHOD_DEFAULT_BASELINES, _io
+from explain.parameters import ExplanationConfig, max_path_evaluations, parse_explanation_parameters
+
+#: The default budget in gradient evaluations per request. One default explanation of one image
+#: must fit: XRAI integrates from two baselines (black and white), each path up to the adaptive
+#: cap of a few hundred evaluations (2 x 400 = 800). 1000 is the round figure above that: on
+#: MobileNetV2 @ 192 (about 15 ms per evaluation on 2 cores) the worst case is about 15 s, while
+#: adaptive IG usually stops far below its cap; the request deadline bounds the rest.
+DEFAULT_EXPLAIN_BUDGET = 1000
+
+
+class ExplanationCostError(ValueError):
+    """A request whose worst-case cost is over the budget; the message names both and the limit."""
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """The factors of a request's worst-case cost in gradient evaluations."""
+
+    instances: int
+    outputs: int
+    baselines: int
+    samples: int
+    path_evaluations: int
+
+    @property
+    def paths(self) -> int:
+        return self.instances * self.outputs * self.baselines * self.samples
+
+    @property
+    def total(self) -> int:
+        return self.paths * self.path_evaluations
+
+    def describe(self) -> str:
+        def n(count: int, word: str) -> str:
+            return f"{count} {word}{'' if count == 1 else 's'}"
+
+        return (f"{n(self.instances, 'instance')} x {n(self.outputs, 'output')} x {n(self.baselines, 'baseline')} x "
+                f"{n(self.samples, 'SmoothGrad sample')} x up to {self.path_evaluations} evaluations per path "
+                f"= {self.total} gradient evaluations")
+
+
+def _outputs(config: ExplanationConfig, num_classes: int) -> int:
+    if config.output_indices is not None:
+        return len(set(config.output_indices))
+    return num_classes if config.top_k == -1 else min(config.top_k, num_classes)
+
+
+def _baselines(config: ExplanationConfig, input_metadata: Mapping[str, Any]) -> int:
+    """How many baselines each path end is integrated from, by the explainer's precedence:
+    blur config, named baselines, the metadata's ``input_baselines``, the method's default."""
+    attribution = config.attribution
+    if attribution.blur_baseline is not None:
+        return 1
+    if attribution.baselines is not None:
+        return len(attribution.baselines)
+    raw = input_metadata.get("input_baselines", input_metadata.get("inputBaselines")) or []
+    if isinstance(raw, list) and raw:
+        return len(raw)
+    return len(_METHOD_DEFAULT_BASELINES[attribution.method])
+
+
+def request_cost(parameters: Mapping[str, Any] | ExplanationConfig, num_instances: int,
+                 metadata: Mapping[str, Any], labels: list[str]) -> RequestCost:
+    """The worst-case cost of explaining ``num_instances`` images with ``parameters`` (validated
+    here) against a model with explanation ``metadata`` and class ``labels``."""
+    config = parse_explanation_parameters(parameters)
+    io = _io(metadata, labels)
+    smooth = config.attribution.smooth_grad
+    return RequestCost(instances=num_instances, outputs=_outputs(config, len(io.display_names)),
+                       baselines=_baselines(config, io.input_metadata),
+                       samples=smooth.noisy_sample_count if smooth else 1,
+                       path_evaluations=max_path_evaluations(config.attribution))
+
+
+def check_cost(cost: RequestCost, budget: int, budget_name: str = "budget") -> None:
+    """Refuse ``cost`` over ``budget`` with a message a user can act on."""
+    if cost.total > budget:
+        raise ExplanationCostError(
+            f"this explanation may cost {cost.describe()}, over the server's limit of {budget} gradient "
+            f"evaluations per request ({budget_name}); send fewer instances, explain fewer outputs or "
+            f"baselines, or lower step_count / max_step_count")
