@@ -71,7 +71,7 @@ def served(exported_model_dir, tmp_path_factory):
     app = create_app(config)
     with serving_app(app) as url:
         yield {"url": url, "registry": registry, "model": model, "endpoint": endpoint, "deployed": deployed,
-               "models": app.state.models}
+               "models": app.state.models, "app_state": app.state}
 
 
 def endpoint_url(served, endpoint=None) -> str:
@@ -293,3 +293,112 @@ def test_models_load_once_per_version_across_threads(exported_model_dir, tmp_pat
     assert served[0].input_name == SERVING_INPUT
     newer = registry.upload_model("flowers", exported_model_dir, parent_model=version["name"])
     assert cache.get(newer) is not served[0]  # cached per version
+
+
+def _bmp(mode: str) -> bytes:
+    return encode(np.asarray(Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).convert(mode)), "BMP")
+
+
+def _big_png(size: int = 3000) -> bytes:
+    stripes = np.zeros((size, size, 3), np.uint8)
+    stripes[::50] = 255  # compresses to a few kB, decodes to size x size pixels
+    return encode(stripes, "PNG")
+
+
+HOSTILE = [
+    # (name, path suffix, raw body, HTTP code, text the message must contain) from issue 11
+    ("nested 100,000 deep", ":predict", b"[" * 100_000 + b"]" * 100_000, 400, "nests 100000 levels deep"),
+    ("NaN step count", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"parameters": {
+        "integratedGradientsAttribution": {"stepCount": float("nan")}}}}).encode(), 400, "NaN is not a JSON number"),
+    ("1e400", ":explain", b'{"instances": [], "x": 1e400}', 400, "out of the range of a double"),
+    ("seed -1", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"parameters": {
+        "integratedGradientsAttribution": {"stepCount": 4, "seed": -1}}}}).encode(), 400, "seed must be in"),
+    ("max blur sigma 1e30", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"parameters": {
+        "integratedGradientsAttribution": {"stepCount": 4, "blurBaselineConfig": {"maxBlurSigma": 1e30}}}}}).encode(),
+     400, "max_blur_sigma must be > 0 and <= 1000"),
+    ("unbounded adaptive", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"parameters": {
+        "integratedGradientsAttribution": {"stepCount": 1, "targetError": 1e-30, "maxStepCount": 10**9}}}}).encode(),
+     400, "max_step_count must be <= 2000"),
+    ("input baselines abc", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"metadata": {
+        "inputs": {"image": {"inputBaselines": ["abc"]}}}}}).encode(), 400, "input_baselines[0] must be a number"),
+    ("input baselines 5", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"metadata": {
+        "inputs": {"image": {"inputBaselines": 5}}}}}).encode(), 400, "input_baselines must be a list"),
+    ("visualization 5", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"metadata": {
+        "inputs": {"image": {"visualization": 5}}}}}).encode(), 400, "visualization must be an object"),
+    ("clip x", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"metadata": {
+        "inputs": {"image": {"visualization": {"clipPercentUpperbound": "x"}}}}}}).encode(), 400,
+     "clip_percent_upperbound must be a number in [0, 100]"),
+    ("parameters []", ":explain", json.dumps({"instances": [GOOD], "explanationSpecOverride": {"parameters": []}}
+                                             ).encode(), 400, "parameters must be a JSON object"),
+    ("1-bit BMP", ":predict", json.dumps({"instances": [instance(_bmp("1"))]}).encode(), 400,
+     "BMP with 1 bits per pixel"),
+    (":explain:predict", ":explain:predict", json.dumps({"instances": [GOOD]}).encode(), 404, "not found"),
+    ("trailing slash", ":predict/", json.dumps({"instances": [GOOD]}).encode(), 404, "not found"),
+]
+
+
+@pytest.mark.parametrize("name, suffix, body, code, message", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_get_a_clear_4xx_and_keep_the_connection(served, name, suffix, body, code, message):
+    with httpx.Client(timeout=60) as client:
+        response = client.post(endpoint_url(served) + suffix, content=body,
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code == code, response.text
+        assert message in response.json()["error"]["message"], response.text
+        assert response.headers.get("connection") != "close"
+        assert client.post(endpoint_url(served) + ":predict", json={"instances": [GOOD]}).status_code == 200
+
+
+def test_safe_defaults(served):
+    url = endpoint_url(served)
+    wrong_method = httpx.get(url + ":predict")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["status"] == "METHOD_NOT_ALLOWED"
+    text = httpx.post(url + ":predict", content=json.dumps({"instances": [GOOD]}),
+                      headers={"Content-Type": "text/plain"})
+    assert text.status_code == 415 and "send application/json" in text.json()["error"]["message"]
+    rebound = httpx.post(url + ":predict", json={"instances": [GOOD]}, headers={"Host": "evil.example:80"})
+    assert rebound.status_code == 400 and "not served here" in rebound.json()["error"]["message"]
+    assert httpx.get(url, headers={"Host": f"localhost:{served['url'].rsplit(':', 1)[1]}"}).status_code == 200
+    for endpoint_id in ("1%00", "9" * 300, "..%2F..%2Fmodels"):
+        missing = httpx.get(f"{served['url']}/v1/projects/local/locations/local/endpoints/{endpoint_id}")
+        assert missing.status_code == 404, missing.text
+        assert "/tmp" not in missing.text and str(served["registry"].root) not in missing.text
+    gone = httpx.get(f"{served['url']}/v1/projects/local/locations/local/endpoints/404")
+    assert gone.status_code == 404 and str(served["registry"].root) not in gone.text
+
+
+def test_a_stalled_body_times_out(exported_model_dir, tmp_path):
+    import socket
+
+    config = ServerConfig(backend=RegistryBackend(Registry(tmp_path / "r")), cache_dir=str(tmp_path / "c"),
+                          limits=Limits(body_timeout_s=0.5))
+    with serving_app(create_app(config)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/projects/p/locations/l/endpoints/1:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"instances\"")
+            answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
+
+
+def test_large_images_are_decoded_downscaled(served):
+    from serving.instances import decode_instances
+
+    big = _big_png()
+    (prepared,) = decode_instances({"instances": [instance(big)]}, SERVING_INPUT, Limits())
+    with Image.open(io.BytesIO(prepared)) as image:  # what the model decodes: at most reduced_pixels
+        assert image.format == "PNG" and image.width * image.height <= Limits().reduced_pixels
+    over = httpx.post(endpoint_url(served) + ":predict", timeout=60,
+                      json={"instances": [instance(big)]})  # LIMITS: 512 x 512 pixels per image
+    assert over.status_code == 400 and "over the server's budget of 262144 pixels" in over.text
+
+
+def test_concurrent_predictions_are_batched(served):
+    body = {"instances": [GOOD]}
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.post(endpoint_url(served) + ":predict", json=body), range(48)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200][:2]
+    first = answers[0].json()["predictions"]
+    for answer in answers:  # batching changes no answer (beyond float rounding of batched kernels)
+        np.testing.assert_allclose(answer.json()["predictions"], first, rtol=1e-5, atol=1e-6)
+    sizes = [size for batcher in served["app_state"].batchers.values() for size in batcher.batch_sizes]
+    assert max(sizes) > 1  # several requests shared one model call
