@@ -16,15 +16,18 @@ _METHODS = {"ig": "integrated_gradients_attribution", "xrai": "xrai_attribution"
 
 
 def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig", step_count: int = 50,
-         quadrature: str | None = None, target_error: float | None = None, top_k: int = 1,
-         batch_size: int = 8) -> list[str]:
+         quadrature: str | None = None, target_error: float | None = None, fixed_steps: bool = False,
+         max_step_count: int | None = None, top_k: int = 1, batch_size: int = 8) -> list[str]:
     """Explain IMAGE_FILES with the model in MODEL_DIR; figures and explanations.json in OUTPUT_DIR.
 
     Args:
       method: ig (Integrated Gradients) or xrai.
-      step_count: path steps (Vertex range 1..100).
-      quadrature: extension: riemann_middle (default), gauss_legendre (smooth activations), riemann_trapezoid, ...
-      target_error: extension: adaptive steps until the approximation error is below this.
+      step_count: path steps to start from (Vertex range 1..100).
+      quadrature: extension: a fixed-step rule (turns refinement off): riemann_middle, gauss_legendre
+        (smooth activations), riemann_trapezoid, ...
+      target_error: extension: the approximation error each path is refined to (default 0.05).
+      fixed_steps: exactly step_count steps, no refinement (Vertex's own semantics).
+      max_step_count: extension: the most gradient evaluations one path may cost (default 400).
       top_k: classes explained per image (figures show the first).
     """
     if method not in _METHODS:
@@ -34,6 +37,10 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
         spec["quadrature"] = quadrature
     if target_error:
         spec["target_error"] = target_error
+    if fixed_steps:
+        spec["target_error"] = None
+    if max_step_count:
+        spec["max_step_count"] = max_step_count
     parameters = {_METHODS[method]: spec, "top_k": top_k}
     model = load_explainable_model(model_dir)
     return explain_files(list(image_files), local_explainer(model, parameters), output_dir,

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from explain.integrated_gradients import IntegratedGradients
+from explain.integrated_gradients import DEGENERATE, LIMIT, IntegratedGradients
 from explain.model import ExplainableModel
 from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
                                 ExplanationParametersError, parse_explanation_parameters)
@@ -105,6 +105,28 @@ def _baselines(image: np.ndarray, attribution: AttributionMethodConfig, metadata
     return [make[name]() for name in named]
 
 
+def _warnings(name: str, error: float, instance: float, baseline: float, reasons: np.ndarray,
+              steps: np.ndarray, attribution: AttributionMethodConfig) -> list[str]:
+    """What a user must know about one attribution, naming the cause and what to do."""
+    out = []
+    if DEGENERATE in reasons or abs(instance - baseline) < MIN_OUTPUT_DELTA:
+        out.append(f"output {name!r}: the input scores {instance:.3f} and the baseline {baseline:.3f}; a difference "
+                   f"below {MIN_OUTPUT_DELTA} leaves almost nothing to attribute, so the attribution is unreliable "
+                   f"and was not refined ({int(steps.max())} steps); use another baseline (baseline: white, "
+                   f"blurred or random, or input_baselines in the explanation metadata)")
+    if error <= MAX_APPROXIMATION_ERROR:
+        return out
+    if LIMIT in reasons:
+        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {MAX_APPROXIMATION_ERROR} "
+                   f"after {int(steps.max())} gradient evaluations (max_step_count {attribution.max_step_count}); "
+                   f"raise max_step_count, or use another baseline")
+    elif DEGENERATE not in reasons and abs(instance - baseline) >= MIN_OUTPUT_DELTA:
+        out.append(f"output {name!r}: approximation error {error:.3f} exceeds {MAX_APPROXIMATION_ERROR} with "
+                   f"{attribution.step_count} fixed steps; increase step_count, or remove target_error: null "
+                   f"to refine the path until it is faithful")
+    return out
+
+
 def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapping[str, Any] | ExplanationConfig,
                    metadata: Mapping[str, Any] | None = None, return_raw: bool = False) -> list[dict[str, Any]]:
     """Explain each image (float32 ``[N, H, W, 3]``, as :meth:`ExplainableModel.preprocess` returns).
@@ -169,7 +191,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         quadrature=attribution.quadrature, target_error=attribution.target_error,
         max_step_count=attribution.max_step_count, path=path,
         max_blur_sigma=blur.max_blur_sigma if blur else 0.0,
-        end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]))
+        end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]), min_output_gap=MIN_OUTPUT_DELTA)
 
     results = [{"attributions": [], "warnings": []} for _ in images]
     per_path = samples * num_baselines
@@ -197,13 +219,6 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
             "outputIndex": [int(c)], "outputDisplayName": name, "instanceOutputValue": instance,
             "baselineOutputValue": baseline, "approximationError": error, "outputName": io.output_key,
             "featureAttributions": {io.input_key: feature}})
-        if error > MAX_APPROXIMATION_ERROR:
-            results[i]["warnings"].append(
-                f"output {name!r}: approximation error {error:.3f} exceeds {MAX_APPROXIMATION_ERROR}; "
-                f"increase step_count (now {attribution.step_count})"
-                + ("" if attribution.target_error else " or set target_error for adaptive steps"))
-        if abs(instance - baseline) < MIN_OUTPUT_DELTA:
-            results[i]["warnings"].append(
-                f"output {name!r}: the input scores {instance:.3f} and the baseline {baseline:.3f}; a difference "
-                f"below {MIN_OUTPUT_DELTA} makes attributions unreliable; try another baseline")
+        results[i]["warnings"].extend(_warnings(name, error, instance, baseline, ig.stop_reasons[rows],
+                                                ig.step_counts[rows], attribution))
     return results

@@ -21,14 +21,20 @@ from typing import Protocol
 
 import numpy as np
 
-from explain.paths import LINEAR, path_points
+from explain.paths import LINEAR
 from explain.quadrature import DEFAULT_QUADRATURE, quadrature_rule
 
-#: Nodes per panel in adaptive mode: few, so a split adds few evaluations where needed.
-PANEL_NODES = 4
-#: |F(x) - F(baseline)| below this is treated as this in the adaptive stopping rule, so a
-#: baseline that scores like the input does not spin the refinement to its cap.
-DELTA_FLOOR = 1e-3
+#: Refinement never splits a panel narrower than this (alpha units): a jump in the model's output
+#: that no finite step resolves must not absorb the whole budget.
+MIN_PANEL_WIDTH = 1.0 / 4096
+#: Paths whose output gap |F(x) - F(baseline)| is below this cannot be made faithful in Vertex's
+#: relative sense (its error divides by the gap); they get a few steps and a warning, no refinement.
+MIN_OUTPUT_GAP = 0.05
+#: The fixed, small number of gradient evaluations a path below :data:`MIN_OUTPUT_GAP` costs.
+DEGENERATE_STEP_COUNT = 16
+
+#: Why a path stopped (``IntegratedGradientsOutput.stop_reasons``).
+FIXED, CONVERGED, LIMIT, DEGENERATE = "fixed", "converged", "limit", "degenerate"
 
 
 @dataclass
@@ -76,6 +82,9 @@ class IntegratedGradientsOutput:
     baseline_outputs: np.ndarray  # [R]
     absolute_errors: np.ndarray   # [R]
     step_counts: np.ndarray       # [R] gradient evaluations spent on each path
+    #: [R] why each path stopped: FIXED (no refinement asked), CONVERGED (target met), LIMIT
+    #: (``max_step_count`` reached first) or DEGENERATE (output gap below ``min_output_gap``)
+    stop_reasons: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
 
     @property
     def approximation_errors(self) -> np.ndarray:
@@ -84,44 +93,40 @@ class IntegratedGradientsOutput:
         return self.absolute_errors / np.maximum(delta, np.finfo(np.float32).tiny)
 
 
-@dataclass
-class _Panel:
-    row: int
-    start: float
-    end: float
-    f_start: float
-    f_end: float
-    nodes: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    vector: np.ndarray | None = None
-    integral: float = 0.0
-
-    @property
-    def error(self) -> float:
-        return self.integral - (self.f_end - self.f_start)
-
-
 class IntegratedGradients:
-    """Integrated Gradients (https://arxiv.org/abs/1703.01365) over many paths at once, with a
-    choice of quadrature rule and an optional adaptive mode that refines until the completeness
-    error is below ``target_error``."""
+    """Integrated Gradients (https://arxiv.org/abs/1703.01365) over many paths at once.
+
+    Fixed mode (``target_error=None``): ``step_count`` nodes of a quadrature rule per path, as
+    Vertex computes it. Adaptive mode (``target_error`` set): a trapezoid rule on a grid that is
+    refined where completeness fails. Every gradient evaluation at a grid point also yields F
+    there, so each panel [a, b] carries its exact local residual
+    ``(b - a) (g(a) + g(b)) / 2 - (F(b) - F(a))`` (g = dF/dalpha) at no extra cost; panels are
+    bisected, one new evaluation each, where the residual is large against a width-proportional
+    share of the tolerance, all paths' bisections batched in one model call per round, until
+    the path's relative completeness error is at most ``target_error`` or ``max_step_count``
+    evaluations are spent. The residuals sum to the path's completeness error, so the error
+    reported is exactly the error of the attribution returned.
+    """
 
     def GetMask(self, x_values: np.ndarray, baselines: np.ndarray, class_indices: np.ndarray,
                 model: PathModel, step_count: int = 50, quadrature: str = DEFAULT_QUADRATURE,
                 target_error: float | None = None, max_step_count: int = 400, path: str = LINEAR,
                 max_blur_sigma: float = 0.0, end_outputs: tuple[np.ndarray, np.ndarray] | None = None,
-                ) -> IntegratedGradientsOutput:
+                min_output_gap: float = 0.0) -> IntegratedGradientsOutput:
         """Attributions for the paths ``baselines[r] -> x_values[r]`` explaining output
         ``class_indices[r]``.
 
         Args:
           x_values, baselines: ``[R, H, W, C]`` float32; for ``path="scale_space"`` the baseline
             is the input blurred by ``max_blur_sigma`` (only its model output is used).
-          step_count: nodes per path (non-adaptive), or the first round's nodes (adaptive).
-          quadrature: a rule of :mod:`explain.quadrature`.
+          step_count: nodes per path (fixed mode), or grid points of the first round (adaptive).
+          quadrature: the rule of :mod:`explain.quadrature` in fixed mode (adaptive mode always
+            refines a trapezoid grid: its nodes are its panels' ends).
           target_error: adaptive mode when set: relative completeness error to reach per path.
           max_step_count: adaptive mode's cap on gradient evaluations per path.
           end_outputs: ``(F(x), F(baseline))`` per path when the caller already has them.
+          min_output_gap: paths with ``|F(x) - F(baseline)|`` below this are not refined and cost
+            at most :data:`DEGENERATE_STEP_COUNT` evaluations (their stop reason says so).
         """
         x_values = np.asarray(x_values, np.float32)
         baselines = np.asarray(baselines, np.float32)
@@ -134,79 +139,102 @@ class IntegratedGradients:
             probs = model.predict(np.concatenate([x_values, baselines]))
             end_outputs = probs[rows, classes], probs[len(rows) + rows, classes]
         f_x, f_b = (np.asarray(v, np.float64) for v in end_outputs)
+        degenerate = np.abs(f_x - f_b) < min_output_gap
 
-        def evaluate(panels: list[_Panel]) -> None:
-            """One batched callback for the nodes of all ``panels``."""
-            nodes = np.concatenate([p.nodes for p in panels])
-            batch = PathBatch(
-                inputs=x_values, baselines=baselines, classes=classes,
-                node_rows=np.concatenate([np.full(len(p.nodes), p.row, np.int32) for p in panels]),
-                node_groups=np.concatenate([np.full(len(p.nodes), g, np.int32) for g, p in enumerate(panels)]),
-                alphas=nodes.astype(np.float32),
-                weights=np.concatenate([p.weights for p in panels]).astype(np.float32),
-                num_groups=len(panels), path=path, max_blur_sigma=max_blur_sigma)
-            result = model.path_gradients(batch)
-            offset = 0
-            for g, panel in enumerate(panels):
-                n = len(panel.nodes)
-                panel.vector = result.group_attributions[g]
-                panel.integral = float(np.dot(panel.weights, result.node_derivatives[offset:offset + n]))
-                offset += n
+        def batch(node_rows: np.ndarray, alphas: np.ndarray, weights: np.ndarray, groups: np.ndarray,
+                  num_groups: int) -> PathResult:
+            return model.path_gradients(PathBatch(
+                inputs=x_values, baselines=baselines, classes=classes, node_rows=node_rows.astype(np.int32),
+                node_groups=groups.astype(np.int32), alphas=alphas.astype(np.float32),
+                weights=weights.astype(np.float32), num_groups=num_groups, path=path, max_blur_sigma=max_blur_sigma))
 
-        def boundary_outputs(points: list[tuple[int, float]]) -> list[float]:
-            """F at interior panel boundaries: forward passes only."""
-            if not points:
-                return []
-            r = np.array([p[0] for p in points])
-            alphas = np.array([p[1] for p in points])
-            images = path_points(x_values[r], baselines[r], alphas, path, max_blur_sigma)
-            return list(model.predict(images)[np.arange(len(r)), classes[r]])
+        if target_error is None:
+            return self._fixed(rows, classes, f_x, f_b, degenerate, step_count, quadrature, batch)
+        return self._adaptive(rows, f_x, f_b, degenerate, step_count, target_error, max_step_count, batch)
 
-        def make_panels(row: int, bounds: np.ndarray, f_bounds: list[float], nodes_per_panel: int) -> list[_Panel]:
-            panels = []
-            for j in range(len(bounds) - 1):
-                nodes, weights = quadrature_rule(quadrature, nodes_per_panel, bounds[j], bounds[j + 1])
-                panels.append(_Panel(row, bounds[j], bounds[j + 1], f_bounds[j], f_bounds[j + 1], nodes, weights))
-            return panels
+    @staticmethod
+    def _fixed(rows, classes, f_x, f_b, degenerate, step_count, quadrature, batch) -> IntegratedGradientsOutput:
+        """``step_count`` nodes of ``quadrature`` per path, all paths in one batched call."""
+        counts = np.where(degenerate, min(step_count, DEGENERATE_STEP_COUNT), step_count)
+        rules = [quadrature_rule(quadrature, int(n)) for n in counts]
+        node_rows = np.concatenate([np.full(len(nodes), r) for r, (nodes, _) in zip(rows, rules)])
+        alphas = np.concatenate([nodes for nodes, _ in rules])
+        weights = np.concatenate([w for _, w in rules])
+        result = batch(node_rows, alphas, weights, node_rows, len(rows))
+        integrals = np.bincount(node_rows, weights * result.node_derivatives, minlength=len(rows))
+        errors = np.abs(integrals - (f_x - f_b))
+        reasons = np.where(degenerate, DEGENERATE, FIXED).astype(object)
+        return IntegratedGradientsOutput(result.group_attributions.astype(np.float32), f_x, f_b, errors, counts,
+                                         reasons)
 
-        adaptive = target_error is not None
-        per_panel = min(PANEL_NODES, step_count) if adaptive else step_count
-        n_panels = max(1, step_count // per_panel)
-        bounds = np.linspace(0.0, 1.0, n_panels + 1)
-        interior = boundary_outputs([(r, a) for r in rows for a in bounds[1:-1]])
-        panels_by_row: list[list[_Panel]] = []
-        for r in rows:
-            f_inner = interior[r * (n_panels - 1):(r + 1) * (n_panels - 1)]
-            panels_by_row.append(make_panels(r, bounds, [f_b[r], *f_inner, f_x[r]], per_panel))
-        evaluate([p for panels in panels_by_row for p in panels])
-        steps = np.full(len(rows), n_panels * per_panel)
+    @staticmethod
+    def _adaptive(rows, f_x, f_b, degenerate, step_count, target_error, max_step_count,
+                  batch) -> IntegratedGradientsOutput:
+        """Trapezoid grids refined by bisection where the local completeness residual is large."""
+        first = np.where(degenerate, min(max(step_count, 2), DEGENERATE_STEP_COUNT), max(step_count, 2))
+        cap = np.maximum(first, max_step_count)
+        grids = [np.linspace(0.0, 1.0, int(n)) for n in first]
+        # per path: sorted alphas, and for each the gradient vector, dF/dalpha and F
+        alphas: list[np.ndarray] = [np.zeros(0) for _ in rows]
+        vectors: list[list[np.ndarray]] = [[] for _ in rows]
+        slopes: list[np.ndarray] = [np.zeros(0) for _ in rows]
+        values: list[np.ndarray] = [np.zeros(0) for _ in rows]
 
-        while adaptive:
-            splits: list[_Panel] = []
-            for r, panels in enumerate(panels_by_row):
-                error = abs(sum(p.error for p in panels))
-                if error <= target_error * max(abs(f_x[r] - f_b[r]), DELTA_FLOOR):
+        def evaluate(points: list[tuple[int, float]]) -> None:
+            """Gradient, dF/dalpha and F at new ``(row, alpha)`` points, one batched call."""
+            node_rows = np.array([r for r, _ in points])
+            node_alphas = np.array([a for _, a in points])
+            n = len(points)
+            result = batch(node_rows, node_alphas, np.ones(n), np.arange(n), n)
+            for k, (r, a) in enumerate(points):
+                i = int(np.searchsorted(alphas[r], a))
+                alphas[r] = np.insert(alphas[r], i, a)
+                vectors[r].insert(i, result.group_attributions[k])
+                slopes[r] = np.insert(slopes[r], i, result.node_derivatives[k])
+                values[r] = np.insert(values[r], i, result.node_outputs[k])
+
+        evaluate([(r, float(a)) for r in rows for a in grids[r]])
+        for r in rows:  # the ends' outputs are known exactly; use them, not float32 recomputations
+            values[r][0], values[r][-1] = f_b[r], f_x[r]
+
+        def residuals(r: int) -> np.ndarray:
+            widths = np.diff(alphas[r])
+            return widths * (slopes[r][1:] + slopes[r][:-1]) / 2 - np.diff(values[r])
+
+        reasons = np.full(len(rows), CONVERGED, object)
+        reasons[degenerate] = DEGENERATE
+        active = [r for r in rows if not degenerate[r]]
+        while active:
+            points, still = [], []
+            for r in active:
+                res = residuals(r)
+                tolerance = target_error * abs(f_x[r] - f_b[r])
+                if abs(res.sum()) <= tolerance:
                     continue
-                worst = sorted(panels, key=lambda p: -abs(p.error))
-                largest = abs(worst[0].error)
-                budget = (max_step_count - steps[r]) // (2 * per_panel)
-                chosen = [p for p in worst if abs(p.error) >= 0.5 * largest][:budget]
-                splits.extend(chosen)
-                steps[r] += 2 * per_panel * len(chosen)
-            if not splits:
+                budget = int(cap[r] - len(alphas[r]))
+                widths = np.diff(alphas[r])
+                # a panel's share of the tolerance is its width; split those furthest over it
+                excess = np.abs(res) - tolerance * widths
+                order = [i for i in np.argsort(-excess) if excess[i] > 0 and widths[i] > 2 * MIN_PANEL_WIDTH]
+                if not order or budget <= 0:
+                    reasons[r] = LIMIT
+                    continue
+                chosen = order[:budget]
+                points += [(r, float((alphas[r][i] + alphas[r][i + 1]) / 2)) for i in chosen]
+                still.append(r)
+            if not points:
                 break
-            mids = boundary_outputs([(p.row, (p.start + p.end) / 2) for p in splits])
-            children = []
-            for panel, f_mid in zip(splits, mids):
-                mid = (panel.start + panel.end) / 2
-                halves = make_panels(panel.row, np.array([panel.start, mid, panel.end]),
-                                     [panel.f_start, f_mid, panel.f_end], per_panel)
-                row_panels = panels_by_row[panel.row]
-                i = next(i for i, p in enumerate(row_panels) if p is panel)
-                row_panels[i:i + 1] = halves
-                children.extend(halves)
-            evaluate(children)
+            evaluate(points)
+            active = still
 
-        attributions = np.stack([np.sum([p.vector for p in panels], axis=0) for panels in panels_by_row])
-        errors = np.array([abs(sum(p.error for p in panels)) for panels in panels_by_row])
-        return IntegratedGradientsOutput(attributions.astype(np.float32), f_x, f_b, errors, steps)
+        attributions, errors = [], []
+        for r in rows:
+            widths = np.diff(alphas[r])
+            weights = np.zeros(len(alphas[r]))
+            weights[:-1] += widths / 2
+            weights[1:] += widths / 2
+            attributions.append(np.tensordot(weights.astype(np.float32), np.stack(vectors[r]), axes=1))
+            errors.append(abs(residuals(r).sum()))
+        steps = np.array([len(a) for a in alphas])
+        return IntegratedGradientsOutput(np.stack(attributions).astype(np.float32), f_x, f_b, np.array(errors),
+                                         steps, reasons)

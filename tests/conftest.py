@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+
 import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 
 import pytest
@@ -44,13 +46,17 @@ def sample_data(tmp_path_factory) -> dict:
     return write_dataset(str(tmp_path_factory.mktemp("data")), num_train=250, num_eval=60, seed=42, num_shards=2)
 
 
-@pytest.fixture(scope="session")
-def backbone_dir(tmp_path_factory) -> str:
-    """The offline MobileNetV2-style backbone in TF Hub format, briefly pre-trained."""
-    from trainer.backbone import build_local_backbone
+#: The demo's cached backbone (``make backbone``): the tests reuse it when its recipe matches.
+SHARED_BACKBONE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "backbone")
 
-    return build_local_backbone(str(tmp_path_factory.mktemp("backbone") / "hub"), num_images=400, epochs=4,
-                                verbose=0)
+
+@pytest.fixture(scope="session")
+def backbone_dir() -> str:
+    """The offline MobileNetV2 1.0 @ 192 in TF Hub format, pre-trained on synthetic flowers: one
+    cached build shared with the demo and the bench (built here on a fresh clone)."""
+    from trainer.backbone import DEFAULT_RECIPE, ensure_backbone
+
+    return ensure_backbone(SHARED_BACKBONE_DIR, DEFAULT_RECIPE, verbose=0)
 
 
 @pytest.fixture(scope="session")

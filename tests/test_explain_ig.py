@@ -13,7 +13,8 @@ import tensorflow as tf
 from saliency import core as saliency_core
 
 from explain import explain_images, load_explainable_model
-from explain.integrated_gradients import IntegratedGradients
+from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT,
+                                          IntegratedGradients)
 from explain.testing import export_saturating_classifier, smooth_images
 
 
@@ -67,6 +68,39 @@ def test_adaptive_mode_meets_its_target(saturating_model, images):
     assert np.all(fixed.approximation_errors > 2e-3)  # the target is not met without refinement
     assert np.all(adaptive.approximation_errors <= 2e-3)
     assert np.all(adaptive.step_counts > 8) and np.all(adaptive.step_counts <= 400)
+
+
+def test_refinement_stops_early_and_says_why(saturating_model, images):
+    x, b, classes = _paths(saturating_model, images)
+    ig = IntegratedGradients()
+    # a baseline that scores like the input: a few steps, no refinement, the reason recorded
+    same = ig.GetMask(x, x.copy(), classes, saturating_model, step_count=50, target_error=1e-6,
+                      max_step_count=2000, min_output_gap=0.05)
+    assert list(same.stop_reasons) == [DEGENERATE, DEGENERATE]
+    assert np.all(same.step_counts <= DEGENERATE_STEP_COUNT)
+    # an unreachable target stops at the cap, and says so
+    capped = ig.GetMask(x, b, classes, saturating_model, step_count=4, target_error=1e-9, max_step_count=24)
+    assert list(capped.stop_reasons) == [LIMIT, LIMIT] and np.all(capped.step_counts <= 24)
+    met = ig.GetMask(x, b, classes, saturating_model, step_count=4, target_error=0.01)
+    assert list(met.stop_reasons) == [CONVERGED, CONVERGED] and np.all(met.approximation_errors <= 0.01)
+    # the error reported is the error of the attribution returned
+    np.testing.assert_allclose(met.attributions.sum(axis=(1, 2, 3)),
+                               met.instance_outputs - met.baseline_outputs,
+                               atol=float(0.01 * np.abs(met.instance_outputs - met.baseline_outputs).max()) + 1e-6)
+
+
+def test_default_explanations_are_refined_and_warn_only_when_they_must(saturating_model, images):
+    (faithful,) = explain_images(saturating_model, images[:1], {"integrated_gradients_attribution": {"step_count": 4}})
+    assert faithful["attributions"][0]["approximationError"] <= 0.05 and not faithful["warnings"]
+    (fixed,) = explain_images(saturating_model, images[:1], {"integrated_gradients_attribution": {
+        "step_count": 2, "target_error": None}})
+    if fixed["attributions"][0]["approximationError"] > 0.05:
+        assert any("fixed steps" in w and "step_count" in w for w in fixed["warnings"])
+    # a white image against a white baseline: nothing to attribute, a warning naming the remedy
+    white = np.ones_like(images[:1])
+    (degenerate,) = explain_images(saturating_model, white, {"integrated_gradients_attribution": {
+        "step_count": 50, "baseline": "white"}})
+    assert any("another baseline" in w for w in degenerate["warnings"]), degenerate["warnings"]
 
 
 def test_agrees_with_saliency_integrated_gradients(tiny_model, images):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from explain.parameters import (ExplanationParametersError, parse_explanation_parameters,
+from explain.parameters import (ExplanationParametersError, max_path_evaluations, parse_explanation_parameters,
                                 vertex_parameters)
 from explain.visualization import parse_visualization
 
@@ -44,7 +44,8 @@ def test_snake_and_camel_case_parse_alike():
     assert config == parse_explanation_parameters(camel)
     assert config.method == "xrai" and config.top_k == 3 and config.output_indices == (1, 4)
     assert config.attribution.smooth_grad.sigma_for("image") == 0.2
-    assert config.attribution.quadrature == "riemann_middle"  # our default: the midpoint rule
+    assert config.attribution.quadrature == "riemann_trapezoid"  # the fixed-step rule when refinement is off
+    assert config.attribution.target_error == 0.05  # refined to Vertex's threshold by default
 
 
 def test_vertex_defaults_and_extensions_are_stripped_for_vertex():
@@ -52,10 +53,26 @@ def test_vertex_defaults_and_extensions_are_stripped_for_vertex():
         "step_count": 50, "smooth_grad_config": {"noise_sigma": 0.1}}})
     assert config.top_k == 1 and config.output_indices is None
     assert config.attribution.smooth_grad.noisy_sample_count == 3
-    ours = {"integrated_gradients_attribution": {"step_count": 8, "quadrature": "riemann_trapezoid",
-                                                 "target_error": 0.01, "baseline": ["black", "white"]}}
+    ours = {"integrated_gradients_attribution": {"step_count": 8, "target_error": 0.01, "max_step_count": 200,
+                                                 "baseline": ["black", "white"]}}
     assert parse_explanation_parameters(ours).attribution.target_error == 0.01
     assert vertex_parameters(ours) == {"integrated_gradients_attribution": {"step_count": 8}}
+
+
+def test_refinement_to_vertex_threshold_is_the_default_and_can_be_turned_off():
+    default = parse_explanation_parameters({"integrated_gradients_attribution": {"step_count": 50}}).attribution
+    assert default.target_error == 0.05 and default.max_step_count == 400
+    assert max_path_evaluations(default) == 400
+    off = parse_explanation_parameters({"integrated_gradients_attribution": {"step_count": 50,
+                                                                              "target_error": None}}).attribution
+    assert off.target_error is None and max_path_evaluations(off) == 50
+    # naming a fixed rule asks for fixed steps; a rule with a target is a contradiction, named
+    rule = parse_explanation_parameters({"integratedGradientsAttribution": {"stepCount": 32,
+                                                                             "quadrature": "gauss_legendre"}})
+    assert rule.attribution.target_error is None and rule.attribution.quadrature == "gauss_legendre"
+    with pytest.raises(ExplanationParametersError, match="quadrature applies to fixed steps"):
+        parse_explanation_parameters({"xrai_attribution": {"step_count": 8, "quadrature": "riemann_middle",
+                                                           "target_error": 0.05}})
 
 
 def test_visualization_defaults_follow_the_method():

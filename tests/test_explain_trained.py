@@ -1,14 +1,18 @@
-"""Explanations of the TRAINED classifier: completeness at the default steps and whether the
-attributions point at the flower, whose mask the synthetic data knows."""
+"""Explanations of the TRAINED classifier (MobileNetV2 1.0 @ 192): faithful by default (Vertex's
+0.05 approximation error, or a warning saying why not), the degenerate-baseline case, and
+whether the attributions point at the flower, whose mask the synthetic data knows."""
 
 from __future__ import annotations
 
 import trainer  # noqa: F401
 
+import json
+
 import numpy as np
 import pytest
 
 from explain import explain_images, load_explainable_model
+from explain.integrated_gradients import DEGENERATE, DEGENERATE_STEP_COUNT, IntegratedGradients
 from trainer.data import load_masks, take_numpy
 
 
@@ -19,10 +23,25 @@ def model_images_masks(trained_model_dir, sample_data):
             load_masks(sample_data["eval_pattern"], 6))
 
 
-def test_ig_is_complete_and_points_at_the_flower(model_images_masks):
+def _misses_are_explained(explanations) -> list[float]:
+    """Every attribution over 0.05 carries a warning naming the cause; returns the errors of the
+    attributions whose output gap makes Vertex's relative error meaningful."""
+    errors = []
+    for explanation in explanations:
+        for attribution in explanation["attributions"]:
+            gap = abs(attribution["instanceOutputValue"] - attribution["baselineOutputValue"])
+            if attribution["approximationError"] > 0.05 or gap < 0.05:
+                assert any(attribution["outputDisplayName"] in w for w in explanation["warnings"]), explanation
+            if gap >= 0.05:
+                errors.append(attribution["approximationError"])
+    return errors
+
+
+def test_default_ig_is_faithful_and_points_at_the_flower(model_images_masks):
     model, images, masks = model_images_masks
     explanations = explain_images(model, images, {"integrated_gradients_attribution": {"step_count": 50}},
                                   return_raw=True)
+    assert max(_misses_are_explained(explanations)) <= 0.05
     errors, inside, chance = [], [], []
     for explanation, mask in zip(explanations, masks):
         attribution = explanation["attributions"][0]
@@ -31,7 +50,7 @@ def test_ig_is_complete_and_points_at_the_flower(model_images_masks):
         positive = np.clip(raw, 0, None)
         inside.append(positive[mask].sum() / positive.sum())
         chance.append(mask.mean())
-    assert np.median(errors) < 0.05, errors
+    assert np.median(errors) <= 0.05, errors
     # more of the positive attribution falls on the flower than its share of the image
     lifts = np.array(inside) / np.array(chance)
     assert np.median(lifts) > 1.25, (inside, chance)
@@ -43,6 +62,8 @@ def test_xrai_top_regions_cover_the_flower(model_images_masks):
     every pixel of a region shares one value, so an argmax picks an arbitrary pixel of it."""
     model, images, masks = model_images_masks
     explanations = explain_images(model, images, {"xrai_attribution": {"step_count": 16}}, return_raw=True)
+    # XRAI's IG from both baselines is held to the same standard
+    assert max(_misses_are_explained(explanations)) <= 0.05
     lifts = []
     for explanation, mask in zip(explanations, masks):
         raw = np.asarray(explanation["attributions"][0]["featureAttributions"]["image"]["raw"])
@@ -51,3 +72,20 @@ def test_xrai_top_regions_cover_the_flower(model_images_masks):
         top = raw >= np.quantile(raw, 0.8)
         lifts.append(mask[top].mean() / mask.mean())
     assert np.median(lifts) > 2.0, lifts
+
+
+def test_a_baseline_that_scores_like_the_input_costs_little_and_says_so(model_images_masks):
+    """A metadata baseline equal to the image leaves nothing to attribute: the explanation must
+    come back fast (a fixed few steps, not the refinement cap) with a warning naming the remedy."""
+    model, images, _ = model_images_masks
+    metadata = json.loads(json.dumps(model.metadata))
+    (key, spec), = metadata["inputs"].items()
+    spec["input_baselines"] = [images[0].tolist()]
+    (explanation,) = explain_images(model, images[:1], {"integrated_gradients_attribution": {"step_count": 50}},
+                                    metadata=metadata)
+    attribution = explanation["attributions"][0]
+    assert abs(attribution["instanceOutputValue"] - attribution["baselineOutputValue"]) < 1e-4
+    assert any("another baseline" in w and "not refined" in w for w in explanation["warnings"])
+    ig = IntegratedGradients().GetMask(images[:1], images[:1].copy(), np.array([0]), model, step_count=50,
+                                       target_error=0.05, max_step_count=400, min_output_gap=0.05)
+    assert ig.stop_reasons[0] == DEGENERATE and ig.step_counts[0] <= DEGENERATE_STEP_COUNT
