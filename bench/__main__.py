@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the markdown report (default: BENCHMARKS.md beside bench/, or OUTPUT_DIR/BENCHMARKS.md "
                         "with --quick)")
     p.add_argument("--cache_dir", default=None, help="where built data and models are cached (default bench/.cache)")
-    p.add_argument("--timeout_s", type=int, default=1800, help="limit for each comparison's process")
+    p.add_argument("--timeout_s", type=int, default=3600, help="limit for each comparison's process")
     return p.parse_args(argv)
 
 
@@ -59,12 +59,15 @@ def _worker(name: str, args: argparse.Namespace, profile: str, figures_dir: str)
             return json.load(f)
 
 
-def _previous(path: str, profile: str) -> dict:
+def _previous(path: str, profile: dict, build: dict) -> dict:
+    """The last run's comparisons, if it ran with the same sizes on the same backbone build."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         old = json.load(f)
-    return old.get("comparisons", {}) if old.get("profile", {}).get("name") == profile else {}
+    same_backbone = (old.get("build") or {}).get("backbone", {}).get("recipe") == build.get("backbone", {}).get("recipe")
+    same_profile = old.get("profile") == json.loads(json.dumps(profile))
+    return old.get("comparisons", {}) if same_profile and same_backbone else {}
 
 
 def main(argv=None) -> int:
@@ -81,14 +84,15 @@ def main(argv=None) -> int:
     started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     results = {"machine": machine(), "profile": PROFILES[profile].as_dict(), "started": started,
                "results_json": os.path.join(output_dir, "results.json"), "comparisons": {}}
-    previous = _previous(results["results_json"], profile) if args.only else {}
-    # --only re-runs some comparisons and keeps the others' results from the last run of this profile
-    results["comparisons"] = {name: previous[name] for name in COMPARISONS if name in previous}
     assets = _worker("assets", args, profile, figures_dir)
     if "error" in assets:
         print(f"[bench] could not build the benchmark's data and model: {assets['error']}", file=sys.stderr)
         return 1
     results["build"] = assets["build"]
+    # --only re-runs some comparisons and keeps the others' results from the last run with the same
+    # sizes on the same backbone
+    previous = _previous(results["results_json"], results["profile"], results["build"]) if args.only else {}
+    results["comparisons"] = {name: previous[name] for name in COMPARISONS if name in previous}
     for name in args.only or list(COMPARISONS):
         results["comparisons"][name] = _worker(name, args, profile, figures_dir)
     results["comparisons"] = {name: results["comparisons"][name] for name in COMPARISONS

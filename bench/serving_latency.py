@@ -76,7 +76,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     explain_rows, raw, warnings = [], {}, {}
     try:
         try:
-            wait_until_up(url, timeout_s=180)
+            wait_until_up(url, timeout_s=600)
         except TimeoutError:
             server.kill()
             raise RuntimeError(f"the server did not start: {server.stderr.read().decode()[-2000:]}") from None
@@ -134,7 +134,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
                      float(np.median(http_lat)) * 1000, float(np.percentile(http_lat, 95)) * 1000, http_rate],
                     [f"in-process serving_default, batches of {batch}", 2 * max(1, half // batch) * batch,
                      float("nan"), float("nan"), local_rate]]
-    headline = {"HTTP :predict throughput at concurrency 8 / in-process serving_default": http_rate / local_rate}
+    headline = {f"HTTP :predict throughput at concurrency {concurrency} / in-process serving_default (batches of "
+                f"{batch})": http_rate / local_rate}
     for row in explain_rows:
         headline[f"single :explain over HTTP, {row[0]}: median ms"] = row[2]
         headline[f"single :explain over HTTP, {row[0]}: p95 ms"] = row[3]
