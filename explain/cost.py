@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from explain.explainer import _METHOD_DEFAULT_BASELINES, _io
-from explain.parameters import ExplanationConfig, max_path_evaluations, parse_explanation_parameters
+from explain.parameters import (ExplanationConfig, ExplanationParametersError, max_path_evaluations,
+                                parse_explanation_parameters)
+from explain.visualization import parse_visualization
 
 #: The default budget in gradient evaluations per request. One default explanation of one image
 #: must fit: XRAI integrates from two baselines (black and white), each path up to the adaptive
@@ -71,7 +73,10 @@ def _baselines(config: ExplanationConfig, input_metadata: Mapping[str, Any]) -> 
     if attribution.baselines is not None:
         return len(attribution.baselines)
     raw = input_metadata.get("input_baselines", input_metadata.get("inputBaselines")) or []
-    if isinstance(raw, list) and raw:
+    if not isinstance(raw, list):
+        raise ExplanationParametersError(f"explanation metadata input_baselines must be a list of baselines, "
+                                         f"got {raw!r:.80}")
+    if raw:
         return len(raw)
     return len(_METHOD_DEFAULT_BASELINES[attribution.method])
 
@@ -79,9 +84,11 @@ def _baselines(config: ExplanationConfig, input_metadata: Mapping[str, Any]) -> 
 def request_cost(parameters: Mapping[str, Any] | ExplanationConfig, num_instances: int,
                  metadata: Mapping[str, Any], labels: list[str]) -> RequestCost:
     """The worst-case cost of explaining ``num_instances`` images with ``parameters`` (validated
-    here) against a model with explanation ``metadata`` and class ``labels``."""
+    here, with the metadata's visualization and baseline list) against a model with explanation
+    ``metadata`` and class ``labels``."""
     config = parse_explanation_parameters(parameters)
     io = _io(metadata, labels)
+    parse_visualization(io.input_metadata.get("visualization"), config.method)  # refused now, not after work
     smooth = config.attribution.smooth_grad
     return RequestCost(instances=num_instances, outputs=_outputs(config, len(io.display_names)),
                        baselines=_baselines(config, io.input_metadata),

@@ -437,6 +437,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             return await dispatch(request)
         except RequestError as e:
             response = JSONResponse(_error_json(e.code, scrub(e.message), e.status), status_code=e.code)
+            if e.code == 405:
+                response.headers["Allow"] = "POST" if "use POST" in e.message else "GET, HEAD"
         except Cancelled as e:
             code = 504 if isinstance(e, DeadlineExceeded) else 499
             response = JSONResponse(_error_json(code, str(e)), status_code=code)

@@ -352,6 +352,7 @@ def test_safe_defaults(served):
     url = endpoint_url(served)
     wrong_method = httpx.get(url + ":predict")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["status"] == "METHOD_NOT_ALLOWED"
+    assert wrong_method.headers["Allow"] == "POST"
     text = httpx.post(url + ":predict", content=json.dumps({"instances": [GOOD]}),
                       headers={"Content-Type": "text/plain"})
     assert text.status_code == 415 and "send application/json" in text.json()["error"]["message"]
@@ -376,7 +377,10 @@ def test_a_stalled_body_times_out(exported_model_dir, tmp_path):
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.sendall(b"POST /v1/projects/p/locations/l/endpoints/1:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"instances\"")
-            answer = sock.recv(65536).decode()
+            received = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after answering
+                received += chunk
+            answer = received.decode()
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
 
 
