@@ -230,7 +230,10 @@ def _warm_up_image() -> bytes:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config.backend``'s endpoints."""
-    cache = ModelCache(config.cache_dir)
+    # With a registry, keep only the versions deployed now: a retrain must not add a model's
+    # worth of memory every time it replaces the serving version.
+    registry = getattr(config.backend, "registry", None)
+    cache = ModelCache(config.cache_dir, deployed=registry.deployed_versions if registry is not None else None)
     rng = random.Random()
     ready = threading.Event()  # model-dir mode: set once the model is loaded and warm
     batchers: dict[tuple, Batcher] = {}
@@ -270,6 +273,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     def batcher_for(served: ServedModel) -> Batcher:
         key = (served.version["name"], served.version["versionId"], served.model_dir)
         with batchers_lock:
+            # a batcher holds its model: close those of versions the cache has dropped
+            cached = {k[:2] for k in cache.keys()}
+            for old in [k for k in batchers if k[:2] not in cached and k != key]:
+                batchers.pop(old).close()
             if key not in batchers:
                 batchers[key] = Batcher(served.predict, config.batching, name=f"batch-{served.version['versionId']}")
             return batchers[key]

@@ -312,3 +312,31 @@ def test_a_deploy_that_fails_leaves_default_on_the_serving_version(registry, art
     assert [d["modelVersionId"] for d in registry.list_endpoints("e")[0]["deployedModels"]] == ["1"]
     registry.rollout("e", f"{v2['name']}@{v2['versionId']}")  # the retried step completes
     assert registry.get_model(v1["name"])["versionId"] == "2"
+
+
+def test_registry_server_keeps_only_the_deployed_versions_loaded(exported_model_dir, tmp_path):
+    """Over HTTP: each retrain replaces the serving version, and the server's cache (and its
+    predict batchers) let go of the old one instead of growing by a model per retrain."""
+    import base64
+
+    import httpx
+
+    from serving.app import ServerConfig, create_app
+    from serving.backends import RegistryBackend
+    from serving.testing import serving_app
+
+    registry = Registry(tmp_path / "registry")
+    config = ServerConfig(backend=RegistryBackend(registry), cache_dir=str(tmp_path / "cache"))
+    app = create_app(config)
+    body = {"instances": [{"bytes_inputs": {"b64": base64.b64encode(_jpeg()).decode()}}]}
+    with serving_app(app) as url:
+        for i in range(3):
+            artifact = tmp_path / f"run-{i}"
+            artifact.symlink_to(exported_model_dir, target_is_directory=True)
+            version = registry.upload_version("flowers", str(artifact))
+            registry.rollout("e", f"{version['name']}@{version['versionId']}")
+            endpoint = registry.list_endpoints("e")[0]["name"]
+            answer = httpx.post(f"{url}/v1/{endpoint}:predict", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert [key[1] for key in app.state.models.keys()] == [version["versionId"]]
+            assert [key[1] for key in app.state.batchers] == [version["versionId"]]
