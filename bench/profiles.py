@@ -32,7 +32,8 @@ class Profile:
     #: fixed step counts searched; the largest is also the cap of "every image within the target"
     ig_ladder: tuple[int, ...] = (16, 32, 50, 64, 100, 128, 200, 256, 400)
     #: the default request's ``step_count`` (where our refinement starts) and its evaluation cap
-    ig_start_steps: int = 50
+    #: ours adaptive starts at this many steps (a request's step_count) and refines to the target
+    ig_start_steps: int = 16
     ig_max_steps: int = 400
     # 2. XRAI
     xrai_images: int = 2
@@ -78,7 +79,7 @@ class Profile:
         return asdict(self)
 
 
-FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_images=14, xrai_images=12,
+FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_images=12, xrai_images=12,
                training_epochs=15, quality_images=12, pic_images=6, sanity_images=4)
 
 QUICK = Profile(name="quick", num_train=40, num_eval=12, train_epochs=2, ig_images=3, ig_ladder=(4, 8, 16),

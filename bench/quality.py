@@ -1,7 +1,7 @@
 """Explanation quality on the synthetic flowers, where the object's mask is known.
 
 * Completeness: the approximation-error distribution over validation images, per quadrature
-  rule (ours: the midpoint default and Gauss-Legendre; ``saliency``'s Riemann sum; the tutorial's
+  rule (ours: the midpoint rule and Gauss-Legendre; ``saliency``'s Riemann sum; the tutorial's
   trapezoid) and steps.
 * Localization, for IG, XRAI, SmoothGrad-IG and plain gradients: the share of positive
   attribution inside the flower's mask, and the pointing-game hit rate (the map's maximum lies
@@ -28,7 +28,7 @@ from bench.profiles import Profile
 from explain.quadrature import DEFAULT_QUADRATURE
 
 METHODS = ("IG", "XRAI", "SmoothGrad-IG", "Gradients")
-RULES = {"ours (midpoint, default)": "riemann_middle", "ours (Gauss-Legendre)": "gauss_legendre",
+RULES = {"ours (midpoint)": "riemann_middle", "ours (Gauss-Legendre)": "gauss_legendre",
          "saliency (Riemann)": "riemann_linspace", "tutorial (trapezoid)": "riemann_trapezoid"}
 POINTING_TOLERANCE = 15
 #: Output gap to black under which an image is set apart from the completeness averages.
