@@ -72,7 +72,7 @@ def evaluate_op(exported: Input[Model], eval_data_path: str, min_accuracy: float
 def upload_model_op(approved: bool, exported: Input[Model], display_name: str, metrics_json: str,
                     comparison_json: str, explanation_parameters: str, backend: str, deploy_target: str, labels: str,
                     version_aliases: str, registry_dir: str, project: str, location: str, api_endpoint: str,
-                    serving_image: str, prebuilt_image: str) -> str:
+                    serving_image: str, prebuilt_image: str, eval_data_path: str) -> str:
     """Upload (a new version when the display name exists); returns "<model>@<version>" or "" if not approved."""
     if not approved:
         print("upload skipped: the evaluation gate did not approve this model")
@@ -81,7 +81,7 @@ def upload_model_op(approved: bool, exported: Input[Model], display_name: str, m
 
     return upload_model(exported.path, display_name, metrics_json, explanation_parameters, backend, deploy_target,
                         labels, version_aliases, registry_dir, project, location, api_endpoint, serving_image,
-                        prebuilt_image, comparison_json)["model"]
+                        prebuilt_image, comparison_json, eval_data_path)["model"]
 
 
 def deploy_model_op(model_name: str, endpoint_display_name: str, backend: str, traffic_percentage: int,

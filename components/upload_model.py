@@ -27,9 +27,15 @@ def upload_model(export_dir: str, display_name: str, metrics: dict | str, explan
                  backend: str = "local", deploy_target: str = "custom_container", labels: dict | str | None = None,
                  version_aliases: Sequence[str] | str = (), registry_dir: str = "", project: str = "",
                  location: str = "", api_endpoint: str = "", serving_image: str = "",
-                 prebuilt_image: str = "", comparison: dict | str | None = None) -> dict[str, Any]:
+                 prebuilt_image: str = "", comparison: dict | str | None = None,
+                 eval_data_path: str = "") -> dict[str, Any]:
     """Upload; returns {"model": "<resource name>@<version>", "version_id", "parent_model"}.
-    ``comparison`` is the evaluate step's record (challenger and champion scores, decision)."""
+    ``comparison`` is the evaluate step's record (challenger and champion scores, decision).
+
+    With ``deploy_target="builtin_explanations"`` Vertex's own server computes the explanations
+    with exactly the uploaded ``step_count``, so it is measured first on ``eval_data_path``
+    (:func:`explain.calibration.calibrate_parameters`): the smallest count meeting 0.05 on 90%
+    of the validation images, or the largest with a warning."""
     from components.metrics_schema import CLASSIFICATION_METRICS_SCHEMA, classification_schema_metrics
     from explain.parameters import vertex_parameters
     from trainer.export import read_explanation_metadata
@@ -45,6 +51,10 @@ def upload_model(export_dir: str, display_name: str, metrics: dict | str, explan
         from components import vertex
 
         builtin = deploy_target == "builtin_explanations"  # vertex.upload_model warns about its end date
+        if builtin and eval_data_path:
+            from explain.calibration import calibrate_parameters
+
+            parameters, _ = calibrate_parameters(export_dir, eval_data_path, parameters)
         uploaded = vertex.upload_model(
             display_name=display_name, artifact_uri=export_dir,
             explanation_metadata=metadata if builtin else None,

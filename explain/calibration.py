@@ -89,3 +89,35 @@ def choose_step_count(model, images: np.ndarray, parameters: Mapping[str, Any], 
                       f"rest. Deploy with target custom_container (refined to the target on every request) or "
                       f"use another baseline")
     return choice
+
+
+def calibrate_parameters(model_dir: str, eval_data_path: str, parameters: Mapping[str, Any],
+                         num_images: int = 16, target: float = 0.05, coverage: float = 0.9) -> tuple[dict, StepCountChoice]:
+    """``parameters`` with the method's ``step_count`` replaced by the one measured on the first
+    ``num_images`` records of ``eval_data_path`` (local or ``gs://``) for the exported model in
+    ``model_dir``; prints the measurement, and the warning when no count meets the target."""
+    import copy
+
+    from explain.model import load_explainable_model
+    from trainer.data import take_numpy
+
+    model = load_explainable_model(model_dir)
+    images, _ = take_numpy(eval_data_path, num_images, model.image_shape[:2])
+    choice = choose_step_count(model, images, parameters, target=target, coverage=coverage)
+    calibrated = copy.deepcopy(dict(parameters))
+    method = next(k for k in calibrated if k.replace("_", "").lower() in ("integratedgradientsattribution",
+                                                                           "xraiattribution"))
+    key = "stepCount" if "stepCount" in calibrated[method] else "step_count"
+    before = calibrated[method].get(key)
+    calibrated[method][key] = choice.step_count
+    shares = ", ".join(f"{steps}: {share:.0%}" for steps, share in choice.shares.items())
+    print(f"step_count for Vertex's built-in explanations: {choice.step_count} (configured {before}); share of "
+          f"{choice.images} validation images within approximation error {target} by step count: {shares}"
+          + (f"; {choice.degenerate_images} image(s) set apart (baseline scores like the input)"
+             if choice.degenerate_images else ""))
+    if choice.warning:
+        import warnings
+
+        warnings.warn(choice.warning, stacklevel=2)
+        print(f"WARNING: {choice.warning}")
+    return calibrated, choice

@@ -94,7 +94,8 @@ def build_pipeline(cfg: Config):
                                        labels=json.dumps(cfg.model.labels),
                                        version_aliases=",".join(cfg.model.version_aliases),
                                        serving_image=cfg.images.serving,
-                                       prebuilt_image=cfg.images.prebuilt_prediction, **common
+                                       prebuilt_image=cfg.images.prebuilt_prediction, eval_data_path=eval_data_path,
+                                       **common
                                        ).set_display_name("upload_model")
         deployed = ops["deploy_model"](model_name=uploaded.output, endpoint_display_name=endpoint_display_name,
                                        traffic_percentage=traffic_percentage, machine_type=cfg.deploy.machine_type,
