@@ -15,16 +15,24 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from explain.explainer import _METHOD_DEFAULT_BASELINES, _io
-from explain.parameters import (ExplanationConfig, ExplanationParametersError, max_path_evaluations,
-                                parse_explanation_parameters)
+from explain.parameters import (XRAI_METHOD, ExplanationConfig, ExplanationParametersError,
+                                max_path_evaluations, parse_explanation_parameters)
 from explain.visualization import parse_visualization
 
 #: The default budget in gradient evaluations per request. One default explanation of one image
 #: must fit: XRAI integrates from two baselines (black and white), each path up to the adaptive
-#: cap of a few hundred evaluations (2 x 400 = 800). 1000 is the round figure above that: on
+#: cap of a few hundred evaluations (2 x 400 = 800), plus its region steps (100). 1000 is the
+#: round figure above that: on
 #: MobileNetV2 @ 192 (about 15 ms per evaluation on 2 cores) the worst case is about 15 s, while
 #: adaptive IG usually stops far below its cap; the request deadline bounds the rest.
 DEFAULT_EXPLAIN_BUDGET = 1000
+
+
+#: XRAI's region steps make no model call but are not free: multi-scale segmentation once per
+#: image, and region ranking once per explained output, each about as long as this many gradient
+#: evaluations of MobileNetV2 @ 192 on 2 cores (about a second). Counted so the budget bounds them.
+XRAI_SEGMENTATION_COST = 50
+XRAI_RANKING_COST = 50
 
 
 class ExplanationCostError(ValueError):
@@ -40,6 +48,8 @@ class RequestCost:
     baselines: int
     samples: int
     path_evaluations: int
+    #: evaluation-equivalents of XRAI's region steps (0 for IG)
+    region_work: int = 0
 
     @property
     def paths(self) -> int:
@@ -47,15 +57,16 @@ class RequestCost:
 
     @property
     def total(self) -> int:
-        return self.paths * self.path_evaluations
+        return self.paths * self.path_evaluations + self.region_work
 
     def describe(self) -> str:
         def n(count: int, word: str) -> str:
             return f"{count} {word}{'' if count == 1 else 's'}"
 
         return (f"{n(self.instances, 'instance')} x {n(self.outputs, 'output')} x {n(self.baselines, 'baseline')} x "
-                f"{n(self.samples, 'SmoothGrad sample')} x up to {self.path_evaluations} evaluations per path "
-                f"= {self.total} gradient evaluations")
+                f"{n(self.samples, 'SmoothGrad sample')} x up to {self.path_evaluations} evaluations per path"
+                + (f" + {self.region_work} for XRAI's regions" if self.region_work else "")
+                + f" = {self.total} gradient evaluations")
 
 
 def _outputs(config: ExplanationConfig, num_classes: int) -> int:
@@ -90,10 +101,12 @@ def request_cost(parameters: Mapping[str, Any] | ExplanationConfig, num_instance
     io = _io(metadata, labels)
     parse_visualization(io.input_metadata.get("visualization"), config.method)  # refused now, not after work
     smooth = config.attribution.smooth_grad
-    return RequestCost(instances=num_instances, outputs=_outputs(config, len(io.display_names)),
-                       baselines=_baselines(config, io.input_metadata),
+    outputs = _outputs(config, len(io.display_names))
+    regions = num_instances * (XRAI_SEGMENTATION_COST + outputs * XRAI_RANKING_COST) \
+        if config.method == XRAI_METHOD else 0
+    return RequestCost(instances=num_instances, outputs=outputs, baselines=_baselines(config, io.input_metadata),
                        samples=smooth.noisy_sample_count if smooth else 1,
-                       path_evaluations=max_path_evaluations(config.attribution))
+                       path_evaluations=max_path_evaluations(config.attribution), region_work=regions)
 
 
 def check_cost(cost: RequestCost, budget: int, budget_name: str = "budget") -> None:

@@ -196,6 +196,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
     results = [{"attributions": [], "warnings": []} for _ in images]
     per_path = samples * num_baselines
     xrai = XRAI() if attribution.method == XRAI_METHOD else None
+    checkpoint = getattr(model, "check_cancelled", None) or (lambda: None)
     segments: dict[int, list[np.ndarray]] = {}
     for first in range(0, len(keys), per_path):
         i, c = keys[first]
@@ -205,6 +206,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         error = float(ig.absolute_errors[rows].sum() / max(deltas.sum(), np.finfo(np.float32).tiny))
         instance, baseline = float(probs[i, c]), float(ig.baseline_outputs[rows].mean())
         if xrai:
+            checkpoint()  # the region steps make no model call: a wrapper's cancellation checks here
             if i not in segments:
                 segments[i] = segment(images[i])
             shown = xrai.GetMask(images[i], attr, segments[i])[0]

@@ -78,6 +78,11 @@ class CancellableModel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
+    def check_cancelled(self) -> None:
+        """Called by :func:`explain.explain_images` between steps that make no model call (XRAI's
+        segmentation and region ranking), so those stop too."""
+        self._token.check()
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         step = 2 * self._model.batch_size
         chunks = []

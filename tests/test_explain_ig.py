@@ -154,3 +154,35 @@ def test_top_k_output_indices_and_concurrent_calls(tiny_model, images):
         results = list(pool.map(lambda _: explain_images(tiny_model, images, one, return_raw=True), range(4)))
     for result in results:
         assert result == expected
+
+
+def test_xrai_region_steps_are_counted_and_can_be_stopped(tiny_model, images):
+    """XRAI's segmentation and region ranking make no model call: the cost model counts them, and
+    a model wrapper's ``check_cancelled`` is consulted before them, so a cancelled request stops."""
+    from explain.cost import XRAI_RANKING_COST, XRAI_SEGMENTATION_COST, request_cost
+
+    xrai = {"xrai_attribution": {"step_count": 4}, "top_k": 2}
+    cost = request_cost(xrai, 3, tiny_model.metadata, tiny_model.labels)
+    assert cost.region_work == 3 * (XRAI_SEGMENTATION_COST + 2 * XRAI_RANKING_COST)
+    assert cost.total == 3 * 2 * 2 * cost.path_evaluations + cost.region_work
+    assert request_cost({"integrated_gradients_attribution": {"step_count": 4}}, 3, tiny_model.metadata,
+                        tiny_model.labels).region_work == 0
+
+    class Stopped(Exception):
+        pass
+
+    class Wrapper:
+        def __init__(self, model):
+            self._model, self.checks = model, 0
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def check_cancelled(self):
+            self.checks += 1
+            raise Stopped()
+
+    wrapper = Wrapper(tiny_model)
+    with pytest.raises(Stopped):
+        explain_images(wrapper, images[:1], xrai)
+    assert wrapper.checks == 1
