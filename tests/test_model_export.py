@@ -87,6 +87,6 @@ def test_fine_tuning_unfreezes_only_the_top_layers(backbone_dir):
     assert [w.name for w in frozen.trainable_weights] == ["classifier/kernel:0", "classifier/bias:0"]
     tuned = build_model(backbone_dir, fine_tune_layers=2)
     names = [w.name for w in tuned.trainable_weights]
-    assert "Conv_last_BN/gamma:0" in names and "Conv_last/kernel:0" in names
+    assert "Conv_1_bn/gamma:0" in names and "Conv_1/kernel:0" in names  # MobileNetV2's last 1x1 conv
     assert not any("moving_" in n for n in names)
-    assert len(names) == 2 + 3  # Conv_last kernel + Conv_last_BN gamma/beta, plus the head
+    assert len(names) == 2 + 3  # Conv_1 kernel + Conv_1_bn gamma/beta, plus the head
