@@ -191,7 +191,8 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         quadrature=attribution.quadrature, target_error=attribution.target_error,
         max_step_count=attribution.max_step_count, path=path,
         max_blur_sigma=blur.max_blur_sigma if blur else 0.0,
-        end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]), min_output_gap=MIN_OUTPUT_DELTA)
+        end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]), min_output_gap=MIN_OUTPUT_DELTA,
+        path_groups=np.arange(len(keys)) // (samples * num_baselines))  # the paths averaged into one attribution
 
     results = [{"attributions": [], "warnings": []} for _ in images]
     per_path = samples * num_baselines

@@ -124,7 +124,7 @@ class IntegratedGradients:
                 model: PathModel, step_count: int = 50, quadrature: str = DEFAULT_QUADRATURE,
                 target_error: float | None = None, max_step_count: int = 400, path: str = LINEAR,
                 max_blur_sigma: float = 0.0, end_outputs: tuple[np.ndarray, np.ndarray] | None = None,
-                min_output_gap: float = 0.0) -> IntegratedGradientsOutput:
+                min_output_gap: float = 0.0, path_groups: np.ndarray | None = None) -> IntegratedGradientsOutput:
         """Attributions for the paths ``baselines[r] -> x_values[r]`` explaining output
         ``class_indices[r]``.
 
@@ -139,6 +139,11 @@ class IntegratedGradients:
           end_outputs: ``(F(x), F(baseline))`` per path when the caller already has them.
           min_output_gap: paths with ``|F(x) - F(baseline)|`` below this are not refined and cost
             at most :data:`DEGENERATE_STEP_COUNT` evaluations (their stop reason says so).
+          path_groups: paths averaged into one attribution (XRAI's black and white baselines,
+            SmoothGrad's samples) share a group id; a group's error is the sum of its paths'
+            absolute errors over the sum of their gaps, so each path is refined to an equal share
+            of the group's allowance, and a group is degenerate only when its mean gap is below
+            ``min_output_gap``. By default every path is a group of its own.
         """
         x_values = np.asarray(x_values, np.float32)
         baselines = np.asarray(baselines, np.float32)
@@ -151,7 +156,10 @@ class IntegratedGradients:
             probs = model.predict(np.concatenate([x_values, baselines]))
             end_outputs = probs[rows, classes], probs[len(rows) + rows, classes]
         f_x, f_b = (np.asarray(v, np.float64) for v in end_outputs)
-        degenerate = np.abs(f_x - f_b) < min_output_gap
+        groups = rows if path_groups is None else np.unique(np.asarray(path_groups), return_inverse=True)[1]
+        # each path's share of its group's gap: the group's mean gap
+        mean_gap = (np.bincount(groups, np.abs(f_x - f_b)) / np.bincount(groups))[groups]
+        degenerate = mean_gap < min_output_gap
 
         def batch(node_rows: np.ndarray, alphas: np.ndarray, weights: np.ndarray, groups: np.ndarray,
                   num_groups: int) -> PathResult:
@@ -162,7 +170,8 @@ class IntegratedGradients:
 
         if target_error is None:
             return self._fixed(rows, classes, f_x, f_b, degenerate, step_count, quadrature, batch)
-        return self._adaptive(rows, f_x, f_b, degenerate, step_count, target_error, max_step_count, batch)
+        return self._adaptive(rows, f_x, f_b, degenerate, target_error * mean_gap, step_count, max_step_count,
+                              batch)
 
     @staticmethod
     def _fixed(rows, classes, f_x, f_b, degenerate, step_count, quadrature, batch) -> IntegratedGradientsOutput:
@@ -180,7 +189,7 @@ class IntegratedGradients:
                                          reasons)
 
     @staticmethod
-    def _adaptive(rows, f_x, f_b, degenerate, step_count, target_error, max_step_count,
+    def _adaptive(rows, f_x, f_b, degenerate, tolerances, step_count, max_step_count,
                   batch) -> IntegratedGradientsOutput:
         """Trapezoid grids refined by bisection where the local completeness residual is large."""
         first = np.where(degenerate, min(max(step_count, 2), DEGENERATE_STEP_COUNT), max(step_count, 2))
@@ -220,7 +229,7 @@ class IntegratedGradients:
             points, still = [], []
             for r in active:
                 res = residuals(r)
-                tolerance = target_error * abs(f_x[r] - f_b[r])
+                tolerance = tolerances[r]
                 if abs(res.sum()) <= tolerance:
                     continue
                 budget = int(cap[r] - len(alphas[r]))

@@ -83,6 +83,14 @@ def test_refinement_stops_early_and_says_why(saturating_model, images):
     assert list(capped.stop_reasons) == [LIMIT, LIMIT] and np.all(capped.step_counts <= 24)
     met = ig.GetMask(x, b, classes, saturating_model, step_count=4, target_error=0.01)
     assert list(met.stop_reasons) == [CONVERGED, CONVERGED] and np.all(met.approximation_errors <= 0.01)
+    # two paths averaged into one attribution (XRAI's two baselines): one scores like the input, so
+    # alone it would be degenerate; together they are refined to the group's allowance
+    pair_x, pair_b = np.concatenate([x[:1], x[:1]]), np.concatenate([b[:1], x[:1] * 0.999])
+    pair = ig.GetMask(pair_x, pair_b, np.repeat(classes[:1], 2), saturating_model, step_count=4,
+                      target_error=0.01, min_output_gap=0.05, path_groups=np.array([0, 0]))
+    gaps = np.abs(pair.instance_outputs - pair.baseline_outputs)
+    assert gaps[1] < 0.05 < gaps[0] and DEGENERATE not in pair.stop_reasons
+    assert pair.absolute_errors.sum() / gaps.sum() <= 0.01
     # the error reported is the error of the attribution returned
     np.testing.assert_allclose(met.attributions.sum(axis=(1, 2, 3)),
                                met.instance_outputs - met.baseline_outputs,
