@@ -79,8 +79,9 @@ class Profile:
         return asdict(self)
 
 
-FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_images=12, xrai_images=12,
-               training_epochs=15, quality_images=12, pic_images=6, sanity_images=4)
+FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_images=12, xrai_images=8,
+               ig_ladder=(16, 32, 50, 64, 100, 128, 200, 400), training_epochs=15, quality_images=12, pic_images=4,
+               sanity_images=4)
 
 QUICK = Profile(name="quick", num_train=40, num_eval=12, train_epochs=2, ig_images=3, ig_ladder=(4, 8, 16),
                 ig_start_steps=4, ig_max_steps=16, xrai_images=1, xrai_steps=4, xrai_reference_steps=4,
