@@ -60,6 +60,17 @@ def backbone_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def small_backbone_dir(tmp_path_factory) -> str:
+    """A SMALL TEST NETWORK (not MobileNetV2) in TF Hub format, built in seconds: for unit tests of
+    the training machinery (determinism, resume, bad data) where the network is beside the point."""
+    from trainer.backbone import BackboneRecipe, ensure_backbone
+
+    recipe = BackboneRecipe(architecture="small_test_network", pretrain_size=48, num_images=60, epochs=1,
+                            calibration_images=16, batch_size=16)
+    return ensure_backbone(str(tmp_path_factory.mktemp("small_backbone") / "hub"), recipe, verbose=0)
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, sample_data, backbone_dir) -> tuple[str, dict]:
     """A classifier trained on ``sample_data`` (cached features): (run dir, metrics)."""
     from trainer.train import train_and_evaluate

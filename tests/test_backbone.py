@@ -50,20 +50,23 @@ def test_parameters_and_variable_shapes_are_mobilenet_v2_1_0(loaded):
     assert shapes(loaded.variables) == shapes(reference.variables)
 
 
+@pytest.fixture(scope="module")
+def frozen(backbone_dir):
+    return hub.KerasLayer(backbone_dir, input_shape=[*IMAGE_SIZE, 3], trainable=False)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_hub_keras_layer_maps_unit_range_images_to_1280_features(backbone_dir, batch):
-    layer = hub.KerasLayer(backbone_dir, input_shape=[*IMAGE_SIZE, 3], trainable=False)
+def test_hub_keras_layer_maps_unit_range_images_to_1280_features(frozen, batch):
     images = np.random.default_rng(batch).uniform(0, 1, (batch, *IMAGE_SIZE, 3)).astype(np.float32)
-    features = layer(images).numpy()
+    features = frozen(images).numpy()
     assert features.shape == (batch, MOBILENET_V2_FEATURES) == (batch, 1280)
     assert np.all(np.isfinite(features)) and features.std() > 0
     # ReLU6 then average pooling: every feature lies in [0, 6]
     assert features.min() >= 0 and features.max() <= 6
 
 
-def test_frozen_layer_runs_batch_norm_in_inference_mode(backbone_dir, loaded):
+def test_frozen_layer_runs_batch_norm_in_inference_mode(frozen, loaded):
     images = np.random.default_rng(0).uniform(0, 1, (4, *IMAGE_SIZE, 3)).astype(np.float32)
-    frozen = hub.KerasLayer(backbone_dir, input_shape=[*IMAGE_SIZE, 3], trainable=False)
     inference = loaded(images, training=False).numpy()
     batch_stats = loaded(images, training=True).numpy()
     assert not np.allclose(inference, batch_stats, atol=1e-4)  # the module honours `training`

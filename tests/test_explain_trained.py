@@ -18,9 +18,9 @@ from trainer.data import load_masks, take_numpy
 
 @pytest.fixture(scope="module")
 def model_images_masks(trained_model_dir, sample_data):
-    """The trained model, loaded once, and the first six validation images with their masks."""
-    return (load_explainable_model(trained_model_dir), take_numpy(sample_data["eval_pattern"], 6)[0],
-            load_masks(sample_data["eval_pattern"], 6))
+    """The trained model, loaded once, and the first five validation images with their masks."""
+    return (load_explainable_model(trained_model_dir), take_numpy(sample_data["eval_pattern"], 5)[0],
+            load_masks(sample_data["eval_pattern"], 5))
 
 
 def _misses_are_explained(explanations) -> list[float]:

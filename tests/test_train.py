@@ -37,9 +37,9 @@ def test_training_reaches_real_accuracy_and_writes_metrics(trained_run):
     assert metrics["cached_features"] is True
 
 
-def test_training_is_deterministic_for_a_seed(sample_data, backbone_dir, tmp_path):
+def test_training_is_deterministic_for_a_seed(sample_data, small_backbone_dir, tmp_path):
     kwargs = dict(train_data_path=sample_data["train_pattern"], eval_data_path=sample_data["eval_pattern"],
-                  hub_handle=backbone_dir, batch_size=16, num_epochs=2, seed=7, verbose=0)
+                  hub_handle=small_backbone_dir, batch_size=16, num_epochs=2, seed=7, verbose=0)
     a = train_and_evaluate(output_dir=str(tmp_path / "a"), **kwargs)
     b = train_and_evaluate(output_dir=str(tmp_path / "b"), **kwargs)
     assert a["loss"] == b["loss"] and a["confusion_matrix"] == b["confusion_matrix"]
@@ -62,8 +62,8 @@ def test_exported_trained_model_has_train_serve_parity(trained_model_dir, sample
     np.testing.assert_allclose(served, train_path, atol=1e-5)
 
 
-def test_bad_data_fails_before_training(sample_data, backbone_dir, tmp_path):
-    common = dict(output_dir=str(tmp_path / "out"), hub_handle=backbone_dir, num_epochs=1, verbose=0)
+def test_bad_data_fails_before_training(sample_data, small_backbone_dir, tmp_path):
+    common = dict(output_dir=str(tmp_path / "out"), hub_handle=small_backbone_dir, num_epochs=1, verbose=0)
     with pytest.raises(DataError, match="nothing/here"):
         train_and_evaluate(train_data_path=str(tmp_path / "nothing/here/*.tfrec"),
                            eval_data_path=sample_data["eval_pattern"], **common)
@@ -82,11 +82,11 @@ def test_fine_tuning_trains_end_to_end(sample_data, backbone_dir, tmp_path):
     assert os.path.exists(tmp_path / "ft" / "keras_model" / "saved_model.pb")
 
 
-def test_resume_after_kill(sample_data, backbone_dir, tmp_path):
+def test_resume_after_kill(sample_data, small_backbone_dir, tmp_path):
     """Kill a run after its second epoch's checkpoint; the rerun resumes instead of starting over."""
     out = tmp_path / "resume"
     cmd = [sys.executable, "-m", "trainer.train", f"--train_data_path={sample_data['train_pattern']}",
-           f"--eval_data_path={sample_data['eval_pattern']}", f"--output_dir={out}", f"--hub_handle={backbone_dir}",
+           f"--eval_data_path={sample_data['eval_pattern']}", f"--output_dir={out}", f"--hub_handle={small_backbone_dir}",
            "--batch_size=16", "--num_epochs=40", "--train_examples=800", "--verbose=2"]
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
