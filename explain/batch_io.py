@@ -25,6 +25,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 import tensorflow as tf
 from PIL import Image
 
+from trainer.data import DataError, list_files
 from trainer.schema import FEATURE_IMAGE, SERVING_INPUT
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -103,11 +104,9 @@ def resolve_input(spec: str, exclude: str | None = None) -> Source:
                                       f"TFRecords or JSONL files")
         else:
             try:
-                matched = tf.io.gfile.glob(part)
-            except tf.errors.OpError as e:
-                raise BatchInputError(f"{part}: cannot list files ({e.message.splitlines()[0]})") from e
-            if not matched:
-                raise BatchInputError(f"{part}: no files match")
+                matched = list_files(part)  # the trainer's glob handling: one place for it
+            except DataError as e:
+                raise BatchInputError(str(e)) from e
         files.extend(f for f in sorted(matched) if f not in files)
     if exclude:
         prefix = exclude.rstrip("/") + "/"

@@ -91,3 +91,46 @@ def trained_model_dir(trained_run) -> str:
     export_dir = f"{run_dir}/model"
     export_keras_model(f"{run_dir}/keras_model", export_dir, verbose=False)
     return export_dir
+
+
+# ------------------------------------------------------------------------ the Vertex REST stub
+VERTEX_PROJECT, VERTEX_LOCATION = "flowers-test", "us-central1"
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Fail at once, naming the host, if anything resolves a non-loopback name (modules that talk
+    to the Vertex stub use it for every test: ``pytestmark = pytest.mark.usefixtures("no_network")``)."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def loopback_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise OSError(f"test tried to reach {host!r}; tests must not touch the network")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+
+
+@pytest.fixture()
+def vertex(monkeypatch):
+    """The real ``aiplatform`` SDK pointed at the local REST stub (``tests/vertex_rest_stub.py``):
+    (stub, keyword arguments that point our functions at it). The SDK's one call outside the Vertex
+    API (the project-number lookup of PipelineJob.submit's bucket check) is answered with the stub's
+    number; the SDK's process-global ``aiplatform.init`` state is restored after."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud.aiplatform import initializer
+    from google.cloud.aiplatform.utils import resource_manager_utils
+
+    from tests.vertex_rest_stub import running_vertex_stub
+
+    with running_vertex_stub() as (url, stub):
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)  # PipelineJob.submit checks the root's bucket
+        monkeypatch.setattr(resource_manager_utils, "get_project_number",
+                            lambda project_id, credentials=None: stub.project_number)
+        try:
+            yield stub, {"project": VERTEX_PROJECT, "location": VERTEX_LOCATION, "api_endpoint": url,
+                         "credentials": AnonymousCredentials()}
+        finally:
+            initializer.global_config.__init__()

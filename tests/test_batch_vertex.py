@@ -8,45 +8,21 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 
 import pytest
 from google.api_core import exceptions as api_exceptions
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
-from google.cloud.aiplatform import initializer
 
 from components.batch_predict import batch_predict, create_batch_prediction_job, write_jsonl_instances
 from components.config import ConfigError, load_config
 from components.vertex import upload_model
-from tests.vertex_rest_stub import running_vertex_stub
+from tests.conftest import VERTEX_LOCATION as LOCATION, VERTEX_PROJECT as PROJECT
 
-PROJECT, LOCATION = "flowers-test", "us-central1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IG = {"integratedGradientsAttribution": {"stepCount": 25}}
 MACHINE_SPEC = aiplatform.gapic.MachineSpec
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    real = socket.getaddrinfo
-
-    def loopback_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise OSError(f"test tried to reach {host!r}; tests must not touch the network")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
-
-
-@pytest.fixture()
-def vertex():
-    with running_vertex_stub() as (url, stub):
-        try:
-            yield stub, {"project": PROJECT, "location": LOCATION, "api_endpoint": url,
-                         "credentials": AnonymousCredentials()}
-        finally:
-            initializer.global_config.__init__()
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _jobs(stub) -> list[dict]:

@@ -43,33 +43,30 @@ def test_images_that_score_like_the_baseline_are_set_apart(exported_model_dir):
 
 
 def test_upload_for_builtin_explanations_sends_the_measured_step_count(saturating_dir, sample_data, monkeypatch,
-                                                                      tmp_path):
+                                                                      tmp_path, no_network, vertex):
     import shutil
 
     from google.auth.credentials import AnonymousCredentials
     from google.cloud.aiplatform import initializer
 
     from components.upload_model import upload_model
-    from tests.vertex_rest_stub import running_vertex_stub
 
     parameters = {"integrated_gradients_attribution": {"step_count": 50}}
     calibrated, choice = calibrate_parameters(saturating_dir, sample_data["eval_pattern"], parameters,
                                               num_images=4)
     assert calibrated["integrated_gradients_attribution"]["step_count"] == choice.step_count
     assert parameters["integrated_gradients_attribution"]["step_count"] == 50  # the input is not changed
+    # the pipeline step finds credentials itself (no keyword for them): anonymous ones, set as aiplatform.init would
     monkeypatch.setattr(initializer.global_config, "_credentials", AnonymousCredentials(), raising=False)
     # the export as the pipeline step sees it: under the bucket's /gcs mount (a local stand-in)
     monkeypatch.setenv("GCS_FUSE_ROOT", str(tmp_path / "gcs"))
     export_dir = str(tmp_path / "gcs" / "bucket" / "run" / "model")
     shutil.copytree(saturating_dir, export_dir)
-    with running_vertex_stub() as (url, stub):
-        try:
-            with pytest.warns(FutureWarning, match="2027-03-16"):
-                upload_model(export_dir, "flowers", {"accuracy": 0.9}, parameters, backend="vertex",
-                             deploy_target="builtin_explanations", project="p", location="us-central1",
-                             api_endpoint=url, prebuilt_image="img", eval_data_path=sample_data["eval_pattern"])
-        finally:
-            initializer.global_config.__init__()
+    stub, kw = vertex
+    with pytest.warns(FutureWarning, match="2027-03-16"):
+        upload_model(export_dir, "flowers", {"accuracy": 0.9}, parameters, backend="vertex",
+                     deploy_target="builtin_explanations", project="p", location="us-central1",
+                     api_endpoint=kw["api_endpoint"], prebuilt_image="img", eval_data_path=sample_data["eval_pattern"])
     (request,) = stub.requests_to("POST", r"/models:upload$")
     assert request.body["model"]["explanationSpec"]["parameters"] == {
         "integratedGradientsAttribution": {"stepCount": choice.step_count}}

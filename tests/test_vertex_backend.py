@@ -10,15 +10,12 @@ is answered with the stub's project number.
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
-from google.cloud.aiplatform import initializer
-from google.cloud.aiplatform.utils import resource_manager_utils
 
 from components.metrics_schema import accuracy_from_schema_metrics
 from components.vertex import (CLASSIFICATION_METRICS_SCHEMA, PREBUILT_TF_PREDICTION_IMAGE, VertexConfigError,
@@ -26,42 +23,17 @@ from components.vertex import (CLASSIFICATION_METRICS_SCHEMA, PREBUILT_TF_PREDIC
                                upload_model)
 from pipeline.schedule import ScheduleNotFoundError, create_or_update_schedule, pause_schedule, resume_schedule
 from pipeline.submit import submit_pipeline
-from tests.vertex_rest_stub import running_vertex_stub
+from tests.conftest import VERTEX_LOCATION as LOCATION, VERTEX_PROJECT as PROJECT
 from trainer.export import build_explanation_metadata, inspect_signatures, read_explanation_metadata, read_labels
 from trainer.schema import CLASSES, CONCRETE_INPUT, SERVING_OUTPUT
 
-PROJECT, LOCATION = "flowers-test", "us-central1"
 PARENT = f"projects/{PROJECT}/locations/{LOCATION}"
 VISUALIZATION = aiplatform.explain.ExplanationMetadata.InputMetadata.Visualization
 IG = {"integrated_gradients_attribution": {"step_count": 32, "quadrature": "gauss_legendre"}}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Fail at once, naming the host, if anything resolves a non-loopback name."""
-    real = socket.getaddrinfo
-
-    def loopback_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise OSError(f"test tried to reach {host!r}; tests must not touch the network")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
-
-
-@pytest.fixture()
-def vertex(monkeypatch):
-    """(stub, keyword arguments that point our functions at it); SDK global config restored after."""
-    with running_vertex_stub() as (url, stub):
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)  # PipelineJob.submit checks the root's bucket
-        monkeypatch.setattr(resource_manager_utils, "get_project_number",
-                            lambda project_id, credentials=None: stub.project_number)
-        try:
-            yield stub, {"project": PROJECT, "location": LOCATION, "api_endpoint": url,
-                         "credentials": AnonymousCredentials()}
-        finally:
-            initializer.global_config.__init__()  # aiplatform.init state is process-global
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _bodies(stub, method: str, pattern: str) -> list[dict]:
