@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from explain.parameters import DEFAULT_ADAPTIVE_START
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -31,14 +33,14 @@ class Profile:
     ig_targets: tuple[float, ...] = (0.05, 0.01)
     #: fixed step counts searched; the largest is also the cap of "every image within the target"
     ig_ladder: tuple[int, ...] = (16, 32, 50, 64, 100, 128, 200, 256, 400)
-    #: the default request's ``step_count`` (where our refinement starts) and its evaluation cap
-    #: ours adaptive starts at this many steps (a request's step_count) and refines to the target
-    ig_start_steps: int = 16
+    #: the default request's ``step_count`` (where our refinement starts; configs/local.yaml's) and
+    #: its evaluation cap
+    ig_start_steps: int = DEFAULT_ADAPTIVE_START
     ig_max_steps: int = 400
     # 2. XRAI
     xrai_images: int = 2
     #: our request's ``xrai_attribution.step_count`` (the config's; refinement does the rest)
-    xrai_steps: int = 50
+    xrai_steps: int = DEFAULT_ADAPTIVE_START
     #: None: saliency.XRAI's defaults (100 steps); the quick profile sets a few
     xrai_reference_steps: int | None = None
     #: step counts tried for the accurate saliency.XRAI (the first whose median IG error is <= 0.05)

@@ -1,4 +1,4 @@
-"""``python -m explain --model_dir=DIR --output_dir=OUT [--method=ig|xrai] [--step_count=50] IMAGES...``
+"""``python -m explain --model_dir=DIR --output_dir=OUT [--method=ig|xrai] [--step_count=5] IMAGES...``
 
 Explain image files against an exported model directory and write the three-panel figures.
 """
@@ -11,11 +11,13 @@ import fire
 
 from explain.files import explain_files, local_explainer
 from explain.model import load_explainable_model
+from explain.parameters import DEFAULT_ADAPTIVE_START
 
 _METHODS = {"ig": "integrated_gradients_attribution", "xrai": "xrai_attribution"}
 
 
-def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig", step_count: int = 50,
+def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
+         step_count: int = DEFAULT_ADAPTIVE_START,
          quadrature: str | None = None, target_error: float | None = None, fixed_steps: bool = False,
          max_step_count: int | None = None, top_k: int = 1, batch_size: int = 8) -> list[str]:
     """Explain IMAGE_FILES with the model in MODEL_DIR; figures and explanations.json in OUTPUT_DIR.

@@ -48,12 +48,14 @@ from tqdm import tqdm
 
 from explain.batch_io import (Record, Source, b64_instance, check_image, count_records, read_records,
                               resolve_input)
+from explain.parameters import DEFAULT_ADAPTIVE_START
 
 RESULTS_PREFIX = "prediction.results"
 ERRORS_PREFIX = "prediction.errors_stats"
 MANIFEST_FILE = "batch_explain.json"
 #: What the serving container uses when neither the model nor the request gives parameters.
-DEFAULT_PARAMETERS: dict[str, Any] = {"integrated_gradients_attribution": {"step_count": 50}}
+DEFAULT_PARAMETERS: dict[str, Any] = {
+    "integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}}
 _METHODS = {"ig": "integrated_gradients_attribution", "xrai": "xrai_attribution"}
 #: Images per model call: IG multiplies each image by its path steps, predictions alone do not.
 EXPLAIN_BATCH, PREDICT_BATCH = 8, 64
@@ -388,7 +390,7 @@ def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mappi
     return summary
 
 
-def main(input: str, output_dir: str, model_dir: str, method: str = "ig", step_count: int = 50,
+def main(input: str, output_dir: str, model_dir: str, method: str = "ig", step_count: int = DEFAULT_ADAPTIVE_START,
          parameters: str | dict | None = None, predict_only: bool = False, shard_size: int = 64,
          batch_size: int | None = None, figures: bool = False, key_only: bool = False) -> str:
     """Bulk predictions with explanations in Vertex's batch-prediction output layout (resumable).
@@ -398,7 +400,7 @@ def main(input: str, output_dir: str, model_dir: str, method: str = "ig", step_c
       output_dir: where prediction.results-* and prediction.errors_stats-* go; rerun to resume.
       model_dir: the exported model (trainer.export).
       method: ig or xrai (ignored when --parameters is given).
-      step_count: path steps.
+      step_count: path steps to start from (refinement adds steps until the error is at most 0.05).
       parameters: full Vertex ExplanationParameters as JSON (overrides method and step_count).
       predict_only: predictions without explanations (serving_default).
       shard_size: instances per output shard.

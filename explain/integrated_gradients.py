@@ -94,15 +94,29 @@ class IntegratedGradientsOutput:
 
 
 def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float) -> list[int]:
-    """The panels to bisect this round, worst first: each panel's share of the tolerance is its
-    width (so if every panel kept within its share the path would meet the target), and every
-    panel over its share is split. Panels at :data:`MIN_PANEL_WIDTH` cannot be split.
+    """The panels to bisect this round, worst first.
 
-    Measured on MobileNetV2 (14 validation images, target 0.05): from 16 points this needs a
-    median of 31 evaluations per path; a rule that splits only the largest residuals until the
-    rest fit the tolerance needed 61, since a bisection rarely more than halves a residual."""
-    excess = np.where(widths > 2 * MIN_PANEL_WIDTH, np.abs(residuals) - tolerance * widths, 0.0)
-    return [int(i) for i in np.argsort(-excess, kind="stable") if excess[i] > 0]
+    The path's error is the *signed* sum of its panels' residuals, and the residuals of panels
+    the output crosses at different kinks (ReLU6 boundaries) take either sign. So, as errors of
+    independent pieces add up like a random walk, a panel of width w is allowed
+    ``tolerance * sqrt(w)`` (n equal panels at their allowance sum to about ``tolerance``), and
+    every panel over it is split. When none is over it but the sum still misses, the panels over
+    the strict share ``tolerance * w`` (the shares add up to exactly ``tolerance``) are split, and
+    failing that the largest residual: every round makes progress. Panels at
+    :data:`MIN_PANEL_WIDTH` cannot be split.
+
+    Measured on MobileNetV2 1.0 @ 192 (12 validation images, from 5 grid points, simulated on
+    513-point ground truth and checked on the model): to 0.05 a median of 14 evaluations per
+    path (mean 22, worst 55) against 16 (34, 121) with the strict share alone; to 0.01 a median
+    of 48 (mean 55, worst 99) against 60 (82, 173)."""
+    splittable = widths > 2 * MIN_PANEL_WIDTH
+    size = np.abs(residuals)
+    order = np.argsort(-size, kind="stable")
+    for allowance in (tolerance * np.sqrt(widths), tolerance * widths):
+        chosen = [int(i) for i in order if splittable[i] and size[i] > allowance[i]]
+        if chosen:
+            return chosen
+    return [int(i) for i in order if splittable[i]][:1]
 
 
 class IntegratedGradients:
@@ -218,8 +232,8 @@ class IntegratedGradients:
         for r in rows:  # the ends' outputs are known exactly; use them, not float32 recomputations
             values[r][0], values[r][-1] = f_b[r], f_x[r]
 
-        def residuals(r: int) -> np.ndarray:
-            widths = np.diff(alphas[r])
+        def residuals(r: int, widths: np.ndarray) -> np.ndarray:
+            """Each panel's trapezoid integral of dF/dalpha minus its exact F(b) - F(a)."""
             return widths * (slopes[r][1:] + slopes[r][:-1]) / 2 - np.diff(values[r])
 
         reasons = np.full(len(rows), CONVERGED, object)
@@ -228,12 +242,12 @@ class IntegratedGradients:
         while active:
             points, still = [], []
             for r in active:
-                res = residuals(r)
+                widths = np.diff(alphas[r])
+                res = residuals(r, widths)
                 tolerance = tolerances[r]
                 if abs(res.sum()) <= tolerance:
                     continue
                 budget = int(cap[r] - len(alphas[r]))
-                widths = np.diff(alphas[r])
                 chosen = _panels_to_split(res, widths, tolerance)[:budget]
                 if not chosen or budget <= 0:
                     reasons[r] = LIMIT
@@ -252,7 +266,7 @@ class IntegratedGradients:
             weights[:-1] += widths / 2
             weights[1:] += widths / 2
             attributions.append(np.tensordot(weights.astype(np.float32), np.stack(vectors[r]), axes=1))
-            errors.append(abs(residuals(r).sum()))
+            errors.append(abs(residuals(r, widths).sum()))
         steps = np.array([len(a) for a in alphas])
         return IntegratedGradientsOutput(np.stack(attributions).astype(np.float32), f_x, f_b, np.array(errors),
                                          steps, reasons)

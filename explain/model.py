@@ -29,8 +29,10 @@ from trainer.export import read_explanation_metadata, read_labels
 from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
                             XAI_MODEL_SIGNATURE, XAI_PREPROCESS_SIGNATURE)
 
-#: Path nodes per forward+backward call: bounds activation memory; large enough to fill a core.
-DEFAULT_BATCH_SIZE = 32
+#: Path nodes per forward+backward call: bounds activation memory. Measured on MobileNetV2 1.0 @ 192
+#: (2 cores, per image): 57 ms alone, 43 ms in 4s, 41 ms in 8s, 48 ms in 16s, 58 ms in 32s: past 8
+#: the activations no longer fit the caches. ``make bench`` prints this curve for the machine it runs on.
+DEFAULT_BATCH_SIZE = 8
 
 
 class ModelLoadError(ValueError):

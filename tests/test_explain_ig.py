@@ -13,8 +13,8 @@ import tensorflow as tf
 from saliency import core as saliency_core
 
 from explain import explain_images, load_explainable_model
-from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT,
-                                          IntegratedGradients)
+from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT, MIN_PANEL_WIDTH,
+                                          IntegratedGradients, _panels_to_split)
 from explain.testing import export_saturating_classifier, smooth_images
 
 
@@ -59,6 +59,19 @@ def test_gauss_legendre_beats_riemann_at_equal_steps_on_a_smooth_model(saturatin
     assert np.all(errors["gauss_legendre"] < errors["riemann_right"])
     assert np.all(np.abs(saturating_model.predict(x)[np.arange(2), classes]
                          - saturating_model.predict(b)[np.arange(2), classes]) > 0.3)  # a meaningful path
+
+
+def test_panels_are_split_over_their_random_walk_allowance_then_their_strict_share():
+    widths = np.full(4, 0.25)  # allowance tolerance * sqrt(0.25) = 0.5, strict share 0.25 (tolerance 1)
+    # over the allowance: only those, worst first
+    assert _panels_to_split(np.array([0.6, -0.1, -0.9, 0.3]), widths, 1.0) == [2, 0]
+    # none over the allowance but the sum misses: the panels over their strict share
+    assert _panels_to_split(np.array([0.4, 0.3, 0.2, 0.1]), widths, 1.0) == [0, 1]
+    # none over either: the largest, so every round makes progress
+    assert _panels_to_split(np.array([0.2, 0.24, 0.2, 0.2]), widths, 1.0) == [1]
+    # a panel at the narrowest width is never split
+    narrow = np.array([2 * MIN_PANEL_WIDTH, 1 - 2 * MIN_PANEL_WIDTH])
+    assert _panels_to_split(np.array([1.0, 1e-9]), narrow, 1e-6) == [1]
 
 
 def test_adaptive_mode_meets_its_target(saturating_model, images):

@@ -57,10 +57,10 @@ class BackboneRecipe:
     image_size: int = IMAGE_SIZE[0]
     #: pre-training runs at this size (see :func:`build_local_backbone`), the saved module at ``image_size``
     pretrain_size: int = 96
-    num_images: int = 1000
-    epochs: int = 6
+    num_images: int = 800
+    epochs: int = 4
     #: images at ``image_size`` that re-estimate the batch-norm statistics after the weights are copied
-    calibration_images: int = 320
+    calibration_images: int = 192
     batch_size: int = 32
     learning_rate: float = 2e-3
     seed: int = PRETRAIN_SEED
