@@ -34,6 +34,13 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and field."""
 
 
+def _default_explanation_parameters() -> dict[str, Any]:
+    """IG refined to 0.05 from the default start (imported here: the config loads without TensorFlow)."""
+    from explain.parameters import DEFAULT_ADAPTIVE_START
+
+    return {"integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}}
+
+
 @dataclass
 class PipelineSettings:
     """The pipeline run itself: its name, caching and run labels."""
@@ -119,7 +126,7 @@ class ExplanationSettings:
     ``visualization``: the metadata's ``InputMetadata.Visualization``."""
 
     parameters: dict[str, Any] = field(
-        default_factory=lambda: {"integrated_gradients_attribution": {"step_count": 50}})
+        default_factory=_default_explanation_parameters)
     visualization: dict[str, Any] = field(default_factory=dict)
 
 

@@ -127,8 +127,8 @@ class IntegratedGradients:
     refined where completeness fails. Every gradient evaluation at a grid point also yields F
     there, so each panel [a, b] carries its exact local residual
     ``(b - a) (g(a) + g(b)) / 2 - (F(b) - F(a))`` (g = dF/dalpha) at no extra cost; panels are
-    bisected, one new evaluation each, where the residual is large against a width-proportional
-    share of the tolerance, all paths' bisections batched in one model call per round, until
+    bisected, one new evaluation each, where the residual is large against the panel's allowance
+    (:func:`_panels_to_split`), all paths' bisections batched in one model call per round, until
     the path's relative completeness error is at most ``target_error`` or ``max_step_count``
     evaluations are spent. The residuals sum to the path's completeness error, so the error
     reported is exactly the error of the attribution returned.

@@ -11,13 +11,15 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from explain.parameters import DEFAULT_ADAPTIVE_START
 from serving.instances import RequestError
 from serving.registry import PARENT, Registry, RegistryError
 
 #: The model-dir mode's one deployed model id (and its model's id).
 LOCAL_DEPLOYED_MODEL_ID = "1"
-#: Model-dir mode's explanation parameters when none are configured: Vertex's usual IG setting.
-DEFAULT_EXPLANATION_PARAMETERS = {"integratedGradientsAttribution": {"stepCount": 50}}
+#: Model-dir mode's explanation parameters when none are configured: IG refined to 0.05 from the
+#: default start.
+DEFAULT_EXPLANATION_PARAMETERS = {"integratedGradientsAttribution": {"stepCount": DEFAULT_ADAPTIVE_START}}
 
 
 class Backend(Protocol):

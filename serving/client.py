@@ -33,7 +33,11 @@ def _override(method: str | None, step_count: int | None, top_k: int | None) -> 
         return None
     if (method or "ig") not in _METHODS:
         raise ValueError(f"--method must be one of {sorted(_METHODS)}, got {method!r}")
-    parameters: dict[str, Any] = {_METHODS[method or "ig"]: {"stepCount": step_count or 50}}
+    if not step_count:
+        from explain.parameters import DEFAULT_ADAPTIVE_START  # here: the client starts without TensorFlow
+
+        step_count = DEFAULT_ADAPTIVE_START
+    parameters: dict[str, Any] = {_METHODS[method or "ig"]: {"stepCount": step_count}}
     if top_k is not None:
         parameters["topK"] = top_k
     return {"parameters": parameters}
@@ -88,7 +92,7 @@ def main(*image_files: str, output_dir: str, endpoint_url: str | None = None, mo
         from explain.__main__ import main as explain_locally
 
         return explain_locally(*image_files, model_dir=model_dir, output_dir=output_dir, method=method or "ig",
-                               step_count=step_count or 50, top_k=top_k or 1, batch_size=batch_size)
+                               **({"step_count": step_count} if step_count else {}), top_k=top_k or 1, batch_size=batch_size)
     from explain import explain_files
 
     override = _override(method, step_count, top_k)
