@@ -1,25 +1,24 @@
 """1. Integrated Gradients per image at equal approximation error: ours (the default request:
-adaptive refinement to the target; and fixed midpoint steps) vs ``saliency``'s
-``IntegratedGradients`` vs the TensorFlow tutorial's, plus the floor (evaluations x one batched
-forward+backward pass).
+adaptive refinement to the target) vs ``saliency``'s ``IntegratedGradients`` vs the TensorFlow
+tutorial's, plus the floor (evaluations x one forward+backward pass at the best batch size).
 
 Speed at a fixed step count says little, since the rules do not reach the same accuracy with the
 same steps. So for each target of Vertex's approximation error (5% and 1%):
 
 1. *Step search.* Each fixed rule's completeness error is measured on every image at every step
-   count of a ladder (up to 400). The step count a rule needs is the smallest on the ladder at
+   count of a ladder (up to 400; the midpoint rule, only compared, up to 100). The step count a rule needs is the smallest on the ladder at
    which the MEDIAN error over the images meets the target (none: it misses at 400, and any
    speed-up against it is a lower bound). The search evaluates each rule's nodes with one batched
    gradient function (``saliency``'s sum and the tutorial's trapezoid share their nodes, linspace
    (0, 1, n), so one evaluation scores both); the rules' nodes and weights are
    :mod:`explain.quadrature`'s, which ``tests/test_bench_quick.py`` checks against the tutorial.
 2. *Timed runs.* Each implementation is then run, for real, on every image at its own step count
-   (ours adaptive: the default request, refining from 50 steps to the target with at most 400
-   evaluations), contenders alternating, one image per call; the error each run actually reached
+   (ours adaptive: the default request, refining from ``ig_start_steps`` grid points to the
+   target with at most 400 evaluations; the references at the floor's best batch size), contenders alternating, one image per call; the error each run actually reached
    is measured from its attributions and reported beside its time.
 3. *Every image within the target.* The share of images each implementation brings within 5% and
    1% at its best step count up to 400 (fixed rules: the smallest ladder step where every image
-   is within, else 400).
+   is within, else the largest searched).
 
 Images whose black baseline already scores like the input (output gap below 0.05) cannot be made
 faithful in Vertex's relative sense; they are counted and set apart, and the images measured are
@@ -273,6 +272,8 @@ def summarize(profile: Profile, search: dict, timings: dict, floor: float, n_img
 
     # every image within the target, at the best step count up to the cap
     for name in (ADAPTIVE, *RULES):
+        if name != ADAPTIVE and not search[name]:  # a ladder starting above MIDPOINT_MAX_STEPS
+            continue
         row = [name]
         for target in targets:
             if name == ADAPTIVE:

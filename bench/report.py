@@ -73,10 +73,10 @@ def _table(t: dict, context: str = "") -> list[str]:
 SIZES = {
     "ig_speed": ("ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats"),
     "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder"),
-    "training": ("num_train", "num_eval", "training_epochs", "training_repeats"),
+    "training": ("num_train", "training_shards", "num_eval", "training_epochs", "training_repeats"),
     "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch"),
     "scale": ("scale_steps", "scale_batches", "scale_sizes", "scale_base_steps", "scale_repeats"),
-    "batch_throughput": ("batch_images", "batch_repeats"),
+    "batch_throughput": ("batch_images", "batch_steps", "batch_repeats"),
     "quality": ("quality_images", "quality_steps", "quality_ig_steps", "sanity_images", "pic_images",
                 "smoothgrad_samples", "smoothgrad_steps"),
 }

@@ -62,6 +62,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         "title": "3. Training",
         "description": (f"N = {num_train} training images"
                         + (" (the lab's scale: the flowers dataset's size, synthetic here)" if num_train == 3670 else
+                           "" if profile.training_shards is None else
                            f" ({len(shards)} of the bench's training shards: the lab's pipeline runs the backbone "
                            f"on every image of every epoch, and {profile.training_epochs} epochs over all 3,670 "
                            f"would not fit the bench's time limit on 2 cores)")

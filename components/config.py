@@ -23,6 +23,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from trainer.schema import DEFAULT_ADAPTIVE_START
+
 DEFAULT_CONFIG = "configs/local.yaml"
 #: Vertex's newest prebuilt TF prediction image (built-in explanations need a prebuilt image).
 BUILTIN_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
@@ -35,9 +37,7 @@ class ConfigError(ValueError):
 
 
 def _default_explanation_parameters() -> dict[str, Any]:
-    """IG refined to 0.05 from the default start (imported here: the config loads without TensorFlow)."""
-    from explain.parameters import DEFAULT_ADAPTIVE_START
-
+    """IG refined to 0.05 from the default start."""
     return {"integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}}
 
 

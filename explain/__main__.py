@@ -11,20 +11,21 @@ import fire
 
 from explain.files import explain_files, local_explainer
 from explain.model import load_explainable_model
-from explain.parameters import DEFAULT_ADAPTIVE_START
+from explain.parameters import DEFAULT_ADAPTIVE_START, DEFAULT_FIXED_STEP_COUNT
 
 _METHODS = {"ig": "integrated_gradients_attribution", "xrai": "xrai_attribution"}
 
 
 def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
-         step_count: int = DEFAULT_ADAPTIVE_START,
+         step_count: int | None = None,
          quadrature: str | None = None, target_error: float | None = None, fixed_steps: bool = False,
          max_step_count: int | None = None, top_k: int = 1, batch_size: int = 8) -> list[str]:
     """Explain IMAGE_FILES with the model in MODEL_DIR; figures and explanations.json in OUTPUT_DIR.
 
     Args:
       method: ig (Integrated Gradients) or xrai.
-      step_count: path steps to start from (Vertex range 1..100).
+      step_count: path steps to start from (Vertex range 1..100); default 5 refined, or 50 with
+        fixed steps.
       quadrature: extension: a fixed-step rule (turns refinement off): riemann_middle, gauss_legendre
         (smooth activations), riemann_trapezoid, ...
       target_error: extension: the approximation error each path is refined to (default 0.05).
@@ -34,7 +35,8 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
     """
     if method not in _METHODS:
         raise ValueError(f"--method must be one of {sorted(_METHODS)}, got {method!r}")
-    spec: dict[str, Any] = {"step_count": step_count}
+    fixed = fixed_steps or (quadrature and not target_error)
+    spec: dict[str, Any] = {"step_count": step_count or (DEFAULT_FIXED_STEP_COUNT if fixed else DEFAULT_ADAPTIVE_START)}
     if quadrature:
         spec["quadrature"] = quadrature
     if target_error:

@@ -33,6 +33,8 @@ from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FI
 #: (2 cores, per image): 57 ms alone, 43 ms in 4s, 41 ms in 8s, 48 ms in 16s, 58 ms in 32s: past 8
 #: the activations no longer fit the caches. ``make bench`` prints this curve for the machine it runs on.
 DEFAULT_BATCH_SIZE = 8
+#: Images per forward-only call (no gradients: activations are freed layer by layer).
+PREDICT_BATCH_SIZE = 64
 
 
 class ModelLoadError(ValueError):
@@ -82,11 +84,11 @@ class ExplainableModel:
         return next(iter(out.values())).numpy()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities ``[N, C]`` via ``xai_model``, in chunks of ``2 * batch_size``."""
+        """Probabilities ``[N, C]`` via ``xai_model``, in chunks of :data:`PREDICT_BATCH_SIZE`."""
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[1:] != self.image_shape:
             raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}], got {images.shape}")
-        step = 2 * self.batch_size
+        step = PREDICT_BATCH_SIZE
         chunks = [self._xai_model(**{CONCRETE_INPUT: tf.constant(images[i:i + step])})[self.output_key].numpy()
                   for i in range(0, len(images), step)]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), np.float32)

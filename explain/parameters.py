@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from explain.quadrature import DEFAULT_QUADRATURE, QUADRATURE_RULES
+# where refinement starts, and fixed steps, when nobody chose a step_count (re-exported)
+from trainer.schema import DEFAULT_ADAPTIVE_START, DEFAULT_FIXED_STEP_COUNT  # noqa: F401
 
 # Vertex's documented ranges.
 MIN_STEP_COUNT, MAX_STEP_COUNT = 1, 100
@@ -44,12 +46,6 @@ MIN_NOISY_SAMPLE_COUNT, MAX_NOISY_SAMPLE_COUNT = 1, 50
 DEFAULT_NOISY_SAMPLE_COUNT = 3
 
 DEFAULT_MAX_ADAPTIVE_STEPS = 400
-#: Where refinement starts when nobody chose a ``step_count`` (the CLIs, the serving container's
-#: fallback, configs/local.yaml). With refinement on, a path needs what its curve needs, and a
-#: coarse start lets the refinement put the steps there: on MobileNetV2 1.0 @ 192 from 5 grid points
-#: a path reaches 0.05 in a median of 14 evaluations, from 50 it cannot spend fewer than 50.
-#: Fixed steps (``target_error: null``, Vertex's own semantics) want 50 or more.
-DEFAULT_ADAPTIVE_START = 5
 #: Vertex's threshold for a faithful attribution; the default refinement target.
 DEFAULT_TARGET_ERROR = 0.05
 # Validation caps (not Vertex's; they keep every number finite and every list short, so a tiny

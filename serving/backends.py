@@ -11,9 +11,9 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from explain.parameters import DEFAULT_ADAPTIVE_START
 from serving.instances import RequestError
 from serving.registry import PARENT, Registry, RegistryError
+from trainer.schema import DEFAULT_ADAPTIVE_START
 
 #: The model-dir mode's one deployed model id (and its model's id).
 LOCAL_DEPLOYED_MODEL_ID = "1"

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import httpx
 
-from trainer.schema import SERVING_INPUT
+from trainer.schema import DEFAULT_ADAPTIVE_START, SERVING_INPUT
 
 _METHODS = {"ig": "integratedGradientsAttribution", "xrai": "xraiAttribution"}
 #: How the server words a request over its cost budget (explain.cost.check_cost).
@@ -33,11 +33,7 @@ def _override(method: str | None, step_count: int | None, top_k: int | None) -> 
         return None
     if (method or "ig") not in _METHODS:
         raise ValueError(f"--method must be one of {sorted(_METHODS)}, got {method!r}")
-    if not step_count:
-        from explain.parameters import DEFAULT_ADAPTIVE_START  # here: the client starts without TensorFlow
-
-        step_count = DEFAULT_ADAPTIVE_START
-    parameters: dict[str, Any] = {_METHODS[method or "ig"]: {"stepCount": step_count}}
+    parameters: dict[str, Any] = {_METHODS[method or "ig"]: {"stepCount": step_count or DEFAULT_ADAPTIVE_START}}
     if top_k is not None:
         parameters["topK"] = top_k
     return {"parameters": parameters}

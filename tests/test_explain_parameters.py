@@ -85,3 +85,18 @@ def test_visualization_defaults_follow_the_method():
         parse_visualization({"color_map": "RAINBOW"})
     with pytest.raises(ExplanationParametersError, match="clip_percent_lowerbound"):
         parse_visualization({"clip_percent_lowerbound": 99, "clip_percent_upperbound": 50})
+
+
+def test_the_local_config_starts_refinement_where_the_code_does():
+    """configs/local.yaml's step_count is the default start (one fact, checked in one place)."""
+    import os
+
+    from components.config import load_config
+    from explain.parameters import DEFAULT_ADAPTIVE_START
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "configs", "local.yaml"))
+    (method,) = config.explanation.parameters.values()
+    assert method["step_count"] == DEFAULT_ADAPTIVE_START
+    parsed = parse_explanation_parameters(config.explanation.parameters).attribution
+    assert parsed.target_error == 0.05  # refined by default

@@ -102,7 +102,7 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
 
 def test_ordinary_photographs_are_explained_faithfully_by_default(model_images_masks):
     """The default request on photographs no test has seen, JPEG-encoded and preprocessed as the
-    server does: every attribution is within 0.05 or carries a warning saying why."""
+    server does: every attribution is within 0.05 (a miss would also carry a warning saying why)."""
     import io
     import os
 
@@ -120,4 +120,4 @@ def test_ordinary_photographs_are_explained_faithfully_by_default(model_images_m
                                   return_raw=True)
     errors = np.array(_misses_are_explained(explanations))  # every miss is warned about
     assert len(errors) >= len(PHOTOS) // 2, "most photographs should have an output gap to explain"
-    assert np.mean(errors <= 0.05) >= 0.95, errors
+    assert np.all(errors <= 0.05), errors
