@@ -28,16 +28,18 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         return {"skipped": "bench/batch_throughput.py is not in this tree"}
     from bench.batch_throughput import run as measure
 
-    images = validation_jpegs(assets.eval_pattern, profile.batch_images)
+    images = validation_jpegs(assets.eval_pattern, max(profile.batch_images, profile.batch_predict_images))
     steps = profile.batch_steps
-    r = measure(assets.model_dir, images, step_count=steps, batch_size=8, repeats=profile.batch_repeats)
+    r = measure(assets.model_dir, images[:profile.batch_images], step_count=steps, batch_size=8,
+                repeats=profile.batch_repeats, predict_images=images[:profile.batch_predict_images])
     rows = [[f"explanations (IG, {steps} fixed steps)", r["explain_seconds_per_image"],
              r["explain_floor_seconds_per_image"], r["explain_vs_floor"]],
             ["predictions", r["predict_seconds_per_image"], r["serving_default_seconds_per_image"],
              r["predict_vs_serving_default"]]]
     return {
         "title": "6. Bulk explanations and predictions (explain.batch)",
-        "description": (f"{r['images']} validation JPEGs written to a folder and run through `explain_batch` "
+        "description": (f"{r['images']} validation JPEGs (explanations) and {r['predict_images']} (predictions) "
+                        f"written to a folder and run through `explain_batch` "
                         f"(read, check, decode, explain or predict, draw, write JSON lines), explain calls of "
                         f"{r['batch_size']} images, the median of {profile.batch_repeats} run(s) after a warm-up. "
                         f"Explanation floor: {steps} evaluations x one batched forward+backward pass per image "

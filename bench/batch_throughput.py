@@ -38,31 +38,37 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def run(model_dir: str, images: Sequence[bytes], step_count: int = 50, batch_size: int = 8,
-        repeats: int = 3) -> dict[str, Any]:
-    """Per-image seconds and ratios for bulk IG explanations and bulk predictions of ``images``
-    (encoded JPEG/PNG bytes) with the exported model in ``model_dir``. ``batch_size``: images per
-    explain call (predictions use ``explain.batch``'s default, as the CLI does)."""
+        repeats: int = 3, predict_images: Sequence[bytes] | None = None) -> dict[str, Any]:
+    """Per-image seconds and ratios for bulk IG explanations of ``images`` and bulk predictions of
+    ``predict_images`` (default: the same; encoded JPEG/PNG bytes) with the exported model in
+    ``model_dir``. ``batch_size``: images per explain call (predictions use ``explain.batch``'s
+    default, as the CLI does). Predictions cost ~1/100 of an explanation, so they want far more
+    images for a run's fixed costs (listing, shard manifest, threads) to weigh what they do in bulk."""
     from bench.common import SignatureModel, forward_backward_seconds
     from explain.batch import Engine, explain_batch
     from explain.model import load_explainable_model
     from trainer.schema import SERVING_SIGNATURE
 
     images = list(images)
-    if not images:
+    predict_images = list(predict_images) if predict_images is not None else images
+    if not images or not predict_images:
         raise ValueError("run() needs at least one image")
     # fixed steps, so the evaluations spent are exactly step_count per image and the floor is exact
     parameters = {"integrated_gradients_attribution": {"step_count": step_count, "target_error": None}}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "images")
-        os.makedirs(folder)
-        for i, data in enumerate(images):
-            with open(os.path.join(folder, f"{i:06d}.png" if data[:4] == b"\x89PNG" else f"{i:06d}.jpg"), "wb") as f:
-                f.write(data)
+        folders = {}
+        for explain, batch in ((True, images), (False, predict_images)):
+            folders[explain] = os.path.join(tmp, "explain" if explain else "predict")
+            os.makedirs(folders[explain])
+            for i, data in enumerate(batch):
+                name = f"{i:06d}.png" if data[:4] == b"\x89PNG" else f"{i:06d}.jpg"
+                with open(os.path.join(folders[explain], name), "wb") as f:
+                    f.write(data)
         outputs = iter(range(10 ** 6))
 
         def bulk(engine: Engine, explain: bool) -> dict:
-            return explain_batch(folder, os.path.join(tmp, f"out{next(outputs)}"), model_dir,
-                                 parameters if explain else None, explain=explain, shard_size=len(images),
+            return explain_batch(folders[explain], os.path.join(tmp, f"out{next(outputs)}"), model_dir,
+                                 parameters if explain else None, explain=explain, shard_size=64,
                                  batch_size=batch_size if explain else None, key_only=True, progress=False,
                                  engine=engine)
 
@@ -71,7 +77,7 @@ def run(model_dir: str, images: Sequence[bytes], step_count: int = 50, batch_siz
         explain_seconds = _median_seconds(lambda: bulk(explain_engine, True), repeats) / len(images)
         predict_engine = Engine(model_dir, False, None)
         bulk(predict_engine, False)
-        predict_seconds = _median_seconds(lambda: bulk(predict_engine, False), repeats) / len(images)
+        predict_seconds = _median_seconds(lambda: bulk(predict_engine, False), repeats) / len(predict_images)
 
     # Floors, same images, same process.
     pixels = load_explainable_model(model_dir).preprocess(images[:1])[0]
@@ -81,13 +87,13 @@ def run(model_dir: str, images: Sequence[bytes], step_count: int = 50, batch_siz
     input_name = next(iter(signature.structured_input_signature[1]))
 
     def reference() -> None:
-        for lo in range(0, len(images), REFERENCE_BATCH):
-            signature(**{input_name: tf.constant(images[lo:lo + REFERENCE_BATCH])})
+        for lo in range(0, len(predict_images), REFERENCE_BATCH):
+            signature(**{input_name: tf.constant(predict_images[lo:lo + REFERENCE_BATCH])})
 
     reference()
-    reference_seconds = _median_seconds(reference, repeats) / len(images)
+    reference_seconds = _median_seconds(reference, repeats) / len(predict_images)
     return {
-        "images": len(images), "step_count": step_count, "batch_size": batch_size,
+        "images": len(images), "predict_images": len(predict_images), "step_count": step_count, "batch_size": batch_size,
         "explain_seconds_per_image": explain_seconds,
         "explain_floor_seconds_per_image": floor,
         "forward_backward_seconds_per_image": floor_step,

@@ -76,7 +76,7 @@ SIZES = {
     "training": ("num_train", "training_shards", "num_eval", "training_epochs", "training_repeats"),
     "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch"),
     "scale": ("scale_steps", "scale_batches", "scale_sizes", "scale_base_steps", "scale_repeats"),
-    "batch_throughput": ("batch_images", "batch_steps", "batch_repeats"),
+    "batch_throughput": ("batch_images", "batch_steps", "batch_predict_images", "batch_repeats"),
     "quality": ("quality_images", "quality_steps", "quality_ig_steps", "sanity_images", "pic_images",
                 "smoothgrad_samples", "smoothgrad_steps"),
 }

@@ -6,11 +6,12 @@ uses the trapezoid rule and the ``saliency`` library a Riemann sum over ``linspa
 Which rule is best depends on the network. With smooth activations (swish, GELU, softplus) the
 integrand dF/dalpha is smooth and Gauss-Legendre's error falls far faster than any Riemann sum's.
 With ReLU-family activations (MobileNetV2's ReLU6) it jumps at every unit's kink and no fixed rule
-converges faster than 1/n. Measured on MobileNetV2 1.0 @ 192 trained on the flowers (14
-validation images, black baseline, 50 steps): median completeness error 0.041 for the trapezoid,
-0.057 for ``saliency``'s sum and 0.129 for the midpoint rule, whose nodes never reach the ends,
-where a dark image's output changes fastest. So the trapezoid is the fixed-step default
-(``make bench`` re-measures this table). None of them is faithful at Vertex's 50 steps on most
+converges faster than 1/n. Measured by ``make bench`` on MobileNetV2 1.0 @ 192 trained on the
+flowers (BENCHMARKS.md section 1: 12 validation images, black baseline): median completeness
+error at 50 steps 0.075 for the trapezoid, 0.080 for ``saliency``'s sum and 0.100 for the
+midpoint rule, whose nodes never reach the ends, where a dark image's output changes fastest
+(at 32 steps 0.054 / 0.063 / 0.171; at 100, 0.042 / 0.039 / 0.064). So the trapezoid is the
+fixed-step default. None of them is faithful at Vertex's 50 steps on most
 images, which is why explanations refine the path by default
 (:mod:`explain.integrated_gradients`): a trapezoid grid bisected where completeness fails.
 Every rule returns nodes in [0, 1] and weights summing
