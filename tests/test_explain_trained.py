@@ -101,8 +101,11 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
 
 
 def test_ordinary_photographs_are_explained_faithfully_by_default(model_images_masks):
-    """The default request on photographs no test has seen, JPEG-encoded and preprocessed as the
-    server does: every attribution is within 0.05 (a miss would also carry a warning saying why)."""
+    """Photographs no test has seen, JPEG-encoded and preprocessed as the server does. The default
+    request: every attribution is within 0.05 or carries a warning saying why (on this model the
+    black baseline often scores like a photograph: nothing to attribute, and the warning names
+    the remedy, another baseline). With the remedy, black and white baselines averaged as XRAI
+    does, every photograph has an output gap and every attribution is within 0.05."""
     import io
     import os
 
@@ -115,9 +118,17 @@ def test_ordinary_photographs_are_explained_faithfully_by_default(model_images_m
         buffer = io.BytesIO()
         Image.open(os.path.join(os.path.dirname(skimage.__file__), "data", name)).convert("RGB").save(buffer, "JPEG")
         jpegs.append(buffer.getvalue())
-    explanations = explain_images(model, model.preprocess(jpegs),
-                                  {"integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}},
-                                  return_raw=True)
-    errors = np.array(_misses_are_explained(explanations))  # every miss is warned about
-    assert len(errors) >= len(PHOTOS) // 2, "most photographs should have an output gap to explain"
+    images = model.preprocess(jpegs)
+    default = explain_images(model, images,
+                             {"integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}},
+                             return_raw=True)
+    errors = np.array(_misses_are_explained(default))  # every miss is warned about
     assert np.all(errors <= 0.05), errors
+    for explanation in default:
+        attribution = explanation["attributions"][0]
+        if abs(attribution["instanceOutputValue"] - attribution["baselineOutputValue"]) < 0.05:
+            assert any("another baseline" in w for w in explanation["warnings"]), explanation["warnings"]
+    remedy = explain_images(model, images, {"integrated_gradients_attribution": {
+        "step_count": DEFAULT_ADAPTIVE_START, "baseline": ["black", "white"]}}, return_raw=True)
+    errors = np.array(_misses_are_explained(remedy))
+    assert len(errors) == len(PHOTOS) and np.all(errors <= 0.05), errors
