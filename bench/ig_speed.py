@@ -145,13 +145,21 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     baselines = np.zeros_like(images)
     n_img = len(images)
 
+    # the floor first: the step search (untimed) and the references run at its best batch size
+    curve = forward_backward_curve(reference, images[0])
+    best_batch = min(curve, key=curve.get)
+    floor = curve[best_batch]
+    print(f"[ig_speed] forward+backward ms per image by batch size: "
+          f"{ {b: round(t * 1000, 1) for b, t in curve.items()} }; the references run at batch {best_batch}", flush=True)
+
     # 1. step search over the ladder, every rule, every image
     derivatives = path_derivatives(reference)
     search: dict[str, dict[int, np.ndarray]] = {name: {} for name in RULES}
     for n in profile.ig_ladder:
         print(f"[ig_speed] step search: {n} steps", flush=True)
         searched = {name: rule for name, rule in RULES.items() if name != MIDPOINT or n <= MIDPOINT_MAX_STEPS}
-        errs = rule_errors(derivatives, images, baselines, classes, f_x, f_b, list(searched.values()), n)
+        errs = rule_errors(derivatives, images, baselines, classes, f_x, f_b, list(searched.values()), n,
+                           batch_size=best_batch)
         for name, rule in searched.items():
             search[name][n] = errs[rule]
         # stop once every timed rule has every image within the smallest target
@@ -163,11 +171,6 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     saliency_ig = saliency.IntegratedGradients()
     call = reference.saliency_call()
     ig = IntegratedGradients()
-    curve = forward_backward_curve(reference, images[0])
-    best_batch = min(curve, key=curve.get)
-    floor = curve[best_batch]
-    print(f"[ig_speed] forward+backward ms per image by batch size: "
-          f"{ {b: round(t * 1000, 1) for b, t in curve.items()} }; the references run at batch {best_batch}", flush=True)
 
     def contenders(i: int, steps: dict[str, int], target: float, record: dict) -> dict:
         x, b, c = images[i:i + 1], baselines[i:i + 1], classes[i:i + 1]

@@ -70,7 +70,7 @@ class Profile:
     batch_steps: int = 50
     #: images of the bulk-prediction throughput (a prediction costs ~1/100 of an explanation)
     batch_predict_images: int = 256
-    batch_repeats: int = 1
+    batch_repeats: int = 3
     # explanation quality
     quality_images: int = 12
     #: fixed step counts of the completeness table (ig_speed has the full ladder)
@@ -97,7 +97,8 @@ QUICK = Profile(name="quick", num_train=40, num_eval=12, train_epochs=2, ig_imag
                 ig_start_steps=4, ig_max_steps=16, xrai_images=1, xrai_steps=4, xrai_reference_steps=4,
                 xrai_accurate_ladder=(4, 8), training_epochs=1, explain_requests=2, predict_requests=8,
                 predict_concurrency=2, predict_batch=2, scale_steps=(4, 8), scale_batches=(1, 2),
-                scale_sizes=(64, 96), scale_base_steps=4, batch_images=2, batch_steps=4, batch_predict_images=4, quality_images=2,
+                scale_sizes=(64, 96), scale_base_steps=4, batch_images=2, batch_steps=4, batch_predict_images=4,
+                batch_repeats=1, quality_images=2,
                 quality_steps=(4, 8),
                 quality_ig_steps=4, sanity_images=2, pic_images=2, smoothgrad_samples=2, smoothgrad_steps=2,
                 pic_thresholds=(0.05, 0.2, 0.5))
