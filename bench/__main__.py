@@ -60,14 +60,29 @@ def _worker(name: str, args: argparse.Namespace, profile: str, figures_dir: str)
 
 
 def _previous(path: str, profile: dict, build: dict) -> dict:
-    """The last run's comparisons, if it ran with the same sizes on the same backbone build."""
+    """The last run's comparisons that are still valid: same backbone build, same data and
+    classifier sizes, and none of the comparison's own profile fields changed. Each dropped
+    comparison is named with the reason, so ``--only`` never loses a result silently."""
+    from bench.profiles import ASSET_FIELDS, COMPARISON_FIELDS
+
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         old = json.load(f)
-    same_backbone = (old.get("build") or {}).get("backbone", {}).get("recipe") == build.get("backbone", {}).get("recipe")
-    same_profile = old.get("profile") == json.loads(json.dumps(profile))
-    return old.get("comparisons", {}) if same_profile and same_backbone else {}
+    profile = json.loads(json.dumps(profile))  # tuples as the JSON file holds them
+    kept = {}
+    for name, result in old.get("comparisons", {}).items():
+        ran_with = result.get("profile") or old.get("profile") or {}
+        if (old.get("build") or {}).get("backbone", {}).get("recipe") != build.get("backbone", {}).get("recipe"):
+            changed = ["the backbone recipe"]
+        else:
+            changed = [k for k in (*ASSET_FIELDS, *COMPARISON_FIELDS.get(name, ())) if ran_with.get(k) != profile.get(k)]
+        if changed:
+            print(f"[bench] dropping {name} from the last run: measured with a different {', '.join(changed)}; "
+                  f"re-run it with --only {name}", flush=True)
+        else:
+            kept[name] = result
+    return kept
 
 
 def main(argv=None) -> int:
@@ -95,6 +110,7 @@ def main(argv=None) -> int:
     results["comparisons"] = {name: previous[name] for name in COMPARISONS if name in previous}
     for name in args.only or list(COMPARISONS):
         results["comparisons"][name] = _worker(name, args, profile, figures_dir)
+        results["comparisons"][name]["profile"] = results["profile"]  # what it ran with, for a later --only
     results["comparisons"] = {name: results["comparisons"][name] for name in COMPARISONS
                               if name in results["comparisons"]}
     results["wall_seconds"] = time.perf_counter() - t0

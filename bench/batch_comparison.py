@@ -31,7 +31,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     images = validation_jpegs(assets.eval_pattern, max(profile.batch_images, profile.batch_predict_images))
     steps = profile.batch_steps
     r = measure(assets.model_dir, images[:profile.batch_images], step_count=steps, batch_size=8,
-                repeats=profile.batch_repeats, predict_images=images[:profile.batch_predict_images])
+                repeats=profile.batch_repeats, predict_images=images[:profile.batch_predict_images],
+                floor_batches=profile.floor_batches)
     rows = [[f"explanations (IG, {steps} fixed steps)", r["explain_seconds_per_image"],
              r["explain_floor_seconds_per_image"], r["explain_vs_floor"]],
             ["predictions", r["predict_seconds_per_image"], r["serving_default_seconds_per_image"],

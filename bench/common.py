@@ -16,6 +16,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 import numpy as np
 import tensorflow as tf
 
+from bench.profiles import FLOOR_BATCH_SIZES  # on a CPU the cost per image is not monotone in the batch
 from trainer.schema import CONCRETE_INPUT
 
 
@@ -122,11 +123,6 @@ class SignatureModel:
         return call
 
 
-#: Batch sizes the floor is searched over: on a CPU the cost per image is not monotone in the batch
-#: (past a point the activations leave the caches), so the floor is the best of them.
-FLOOR_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-
-
 def forward_backward_curve(model: SignatureModel, image: np.ndarray, batch_sizes=FLOOR_BATCH_SIZES,
                            repeats: int = 3) -> dict[int, float]:
     """Seconds of one forward+backward pass per image at each batch size (median of ``repeats``)."""
@@ -141,13 +137,6 @@ def forward_backward_curve(model: SignatureModel, image: np.ndarray, batch_sizes
             times.append(time.perf_counter() - t0)
         curve[batch_size] = float(np.median(times)) / batch_size
     return curve
-
-
-def forward_backward_seconds(model: SignatureModel, image: np.ndarray, batch_sizes=FLOOR_BATCH_SIZES,
-                             repeats: int = 3) -> float:
-    """The floor under any IG implementation, which needs one forward+backward pass per step:
-    seconds per image of that pass at the best batch size on this machine."""
-    return min(forward_backward_curve(model, image, batch_sizes, repeats).values())
 
 
 def table(caption: str, columns: list[str], rows: list[list[Any]]) -> dict:

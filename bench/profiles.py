@@ -18,6 +18,10 @@ from dataclasses import asdict, dataclass
 from trainer.schema import DEFAULT_ADAPTIVE_START
 
 
+#: batch sizes of the forward+backward floor's curve (the floor is the cheapest per image)
+FLOOR_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
 @dataclass(frozen=True)
 class Profile:
     """Every size a benchmark reads. ``name`` keys the cache of built data and models."""
@@ -37,6 +41,8 @@ class Profile:
     #: its evaluation cap
     ig_start_steps: int = DEFAULT_ADAPTIVE_START
     ig_max_steps: int = 400
+    #: batch sizes of the floor's curve (each size costs a trace of the gradient)
+    floor_batches: tuple[int, ...] = FLOOR_BATCH_SIZES
     # 2. XRAI
     xrai_images: int = 2
     #: our request's ``xrai_attribution.step_count`` (the config's; refinement does the rest)
@@ -94,7 +100,7 @@ FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_im
                quality_images=12, pic_images=4, sanity_images=4)
 
 QUICK = Profile(name="quick", num_train=40, num_eval=12, train_epochs=2, ig_images=3, ig_ladder=(4, 8, 16),
-                ig_start_steps=4, ig_max_steps=16, xrai_images=1, xrai_steps=4, xrai_reference_steps=4,
+                ig_start_steps=4, ig_max_steps=16, floor_batches=(1, 4), xrai_images=1, xrai_steps=4, xrai_reference_steps=4,
                 xrai_accurate_ladder=(4, 8), training_epochs=1, explain_requests=2, predict_requests=8,
                 predict_concurrency=2, predict_batch=2, scale_steps=(4, 8), scale_batches=(1, 2),
                 scale_sizes=(64, 96), scale_base_steps=4, batch_images=2, batch_steps=4, batch_predict_images=4,
@@ -104,3 +110,19 @@ QUICK = Profile(name="quick", num_train=40, num_eval=12, train_epochs=2, ig_imag
                 pic_thresholds=(0.05, 0.2, 0.5))
 
 PROFILES = {p.name: p for p in (FULL, QUICK)}
+
+#: Fields every comparison reads: the data and the classifier built by bench.fixtures.
+ASSET_FIELDS = ("name", "num_train", "num_eval", "train_epochs", "seed")
+#: The fields each comparison reads besides those: ``--only`` keeps another comparison's last
+#: results exactly when none of its fields changed, and the report prints them as its sizes.
+COMPARISON_FIELDS = {
+    "ig_speed": ("ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats",
+                 "floor_batches"),
+    "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder"),
+    "training": ("num_train", "training_shards", "num_eval", "training_epochs", "training_repeats"),
+    "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch"),
+    "scale": ("scale_steps", "scale_batches", "scale_sizes", "scale_base_steps", "scale_repeats"),
+    "batch_throughput": ("batch_images", "batch_steps", "batch_predict_images", "batch_repeats", "floor_batches"),
+    "quality": ("quality_images", "quality_steps", "quality_ig_steps", "sanity_images", "pic_images",
+                "smoothgrad_samples", "smoothgrad_steps", "smoothgrad_sigma", "pic_thresholds"),
+}

@@ -8,6 +8,8 @@ import os
 import platform
 from typing import Any
 
+from bench.profiles import COMPARISON_FIELDS
+
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, memory, OS, Python and library versions of the machine that ran the bench."""
@@ -70,16 +72,6 @@ def _table(t: dict, context: str = "") -> list[str]:
 
 
 #: The sizes of each comparison, from the profile, printed under its title.
-SIZES = {
-    "ig_speed": ("ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats"),
-    "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder"),
-    "training": ("num_train", "training_shards", "num_eval", "training_epochs", "training_repeats"),
-    "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch"),
-    "scale": ("scale_steps", "scale_batches", "scale_sizes", "scale_base_steps", "scale_repeats"),
-    "batch_throughput": ("batch_images", "batch_steps", "batch_predict_images", "batch_repeats"),
-    "quality": ("quality_images", "quality_steps", "quality_ig_steps", "sanity_images", "pic_images",
-                "smoothgrad_samples", "smoothgrad_steps"),
-}
 
 
 def render(results: dict, report_path: str) -> str:
@@ -140,7 +132,7 @@ def render(results: dict, report_path: str) -> str:
             lines += [f"## {name}", "", f"Skipped: {r['skipped']}", ""]
             continue
         lines += [f"## {r['title']}", "", r.get("description", ""), ""]
-        sizes = ", ".join(f"{k}={profile[k]}" for k in SIZES.get(name, ()) if k in profile)
+        sizes = ", ".join(f"{k}={profile[k]}" for k in COMPARISON_FIELDS.get(name, ()) if k in profile)
         if sizes:
             lines += [f"Sizes: {sizes}. Network: {network}. Machine: {where}.", ""]
         for t in r.get("tables", []):

@@ -155,7 +155,7 @@ class Engine:
             from explain.explainer import explain_images
 
             probabilities = self.model.predict(batch.pixels)
-            explanations = explain_images(self.model, batch.pixels, self.parameters)
+            explanations = explain_images(self.model, batch.pixels, self.parameters, probabilities=probabilities)
             return [prediction_of(p, self.labels, e) for p, e in zip(probabilities, explanations)]
         images = [batch.records[i].image for i in batch.good]
         try:

@@ -8,12 +8,13 @@ shape, plus the warnings Vertex's documentation would have a user act on.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from explain.integrated_gradients import DEGENERATE, LIMIT, IntegratedGradients
+from explain.integrated_gradients import DEGENERATE, LIMIT, MIN_PANEL_WIDTH, RESOLUTION, IntegratedGradients
 from explain.model import ExplainableModel
 from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
                                 ExplanationParametersError, parse_explanation_parameters)
@@ -120,6 +121,11 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
         out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {MAX_APPROXIMATION_ERROR} "
                    f"after {int(steps.max())} gradient evaluations (max_step_count {attribution.max_step_count}); "
                    f"raise max_step_count, or use another baseline")
+    elif RESOLUTION in reasons:
+        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {MAX_APPROXIMATION_ERROR} "
+                   f"after {int(steps.max())} gradient evaluations: the output jumps within 1/{round(1 / MIN_PANEL_WIDTH)} "
+                   f"of the path, where its gradient does not show it, so more steps will not help; use another "
+                   f"baseline")
     elif DEGENERATE not in reasons and abs(instance - baseline) >= MIN_OUTPUT_DELTA:
         out.append(f"output {name!r}: approximation error {error:.3f} exceeds {MAX_APPROXIMATION_ERROR} with "
                    f"{attribution.step_count} fixed steps; increase step_count, or remove target_error: null "
@@ -128,13 +134,15 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
 
 
 def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapping[str, Any] | ExplanationConfig,
-                   metadata: Mapping[str, Any] | None = None, return_raw: bool = False) -> list[dict[str, Any]]:
+                   metadata: Mapping[str, Any] | None = None, return_raw: bool = False,
+                   probabilities: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Explain each image (float32 ``[N, H, W, 3]``, as :meth:`ExplainableModel.preprocess` returns).
 
     Returns one ``{"attributions": [<Vertex Attribution JSON>, ...], "warnings": [str, ...]}`` per
     image; with ``return_raw`` each attribution's ``featureAttributions[<input>]["raw"]`` holds
     the attribution array as nested lists (IG ``[H, W, C]``; XRAI region gains ``[H, W]``).
-    Safe to call from several threads at once.
+    ``probabilities``: ``model.predict(images)`` when the caller already has it (a caller that
+    returns predictions too), so no forward pass is run twice. Safe to call from several threads at once.
     """
     config = parse_explanation_parameters(parameters)
     attribution = config.attribution
@@ -145,7 +153,9 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         raise ValueError(f"images must be [N, {', '.join(map(str, model.image_shape))}], got {images.shape}")
     if not len(images):
         return []
-    probs = model.predict(images)
+    probs = model.predict(images) if probabilities is None else np.asarray(probabilities, np.float32)
+    if probs.shape[0] != len(images):
+        raise ValueError(f"probabilities has {probs.shape[0]} rows for {len(images)} images")
     selected = _selected_outputs(probs, config)
     if len(io.display_names) != probs.shape[1]:
         raise ExplanationParametersError(f"explanation metadata outputs.{io.output_key}.index_display_name_mapping "
@@ -171,12 +181,16 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
                            for b in per_image])  # [N, S, B, H, W, C]
     num_baselines = starts.shape[2]
 
-    # Model outputs at every distinct path end, in one batch.
+    # Model outputs at every path end not yet scored, in one batch (without SmoothGrad the ends are
+    # the images themselves).
     flat_ends, flat_starts = ends.reshape(-1, *images.shape[1:]), starts.reshape(-1, *images.shape[1:])
-    end_probs = model.predict(np.concatenate([flat_ends, flat_starts]))
-    end_probs, start_probs = end_probs[:len(flat_ends)], end_probs[len(flat_ends):]
+    if smooth:
+        end_probs = model.predict(np.concatenate([flat_ends, flat_starts]))
+        end_probs, start_probs = end_probs[:len(flat_ends)], end_probs[len(flat_ends):]
+    else:
+        end_probs, start_probs = probs, model.predict(flat_starts)
 
-    keys, x_rows, b_rows, classes, fx, fb = [], [], [], [], [], []
+    keys, x_rows, b_rows, classes = [], [], [], []
     for i, chosen in enumerate(selected):
         for c in chosen:
             for s in range(samples):
@@ -186,19 +200,44 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
                     b_rows.append((i * samples + s) * num_baselines + b)
                     classes.append(c)
     x_rows, b_rows, classes = np.array(x_rows), np.array(b_rows), np.array(classes)
+    segments = _segment_in_background(images) if attribution.method == XRAI_METHOD else {}
+    try:
+        return _attribute(model, images, attribution, io, visualization, probs, keys, samples, num_baselines,
+                          flat_ends[x_rows], flat_starts[b_rows], classes, end_probs[x_rows, classes],
+                          start_probs[b_rows, classes], path, blur, segments, return_raw)
+    finally:
+        for future in segments.values():  # an error or a cancellation: segmentations not started never run
+            future.cancel()
+
+
+def _segment_in_background(images: np.ndarray) -> dict[int, Future]:
+    """XRAI's segmentation of each image (about a second of single-threaded CPU on 192 x 192),
+    started now in one worker thread so it overlaps the batched IG calls: small IG rounds do not
+    keep every core busy, and TensorFlow releases the GIL while it computes."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrai-segments")
+    try:
+        return {i: pool.submit(segment, image) for i, image in enumerate(images)}
+    finally:
+        pool.shutdown(wait=False)  # submitted work still runs; the thread exits when it is done
+
+
+def _attribute(model: ExplainableModel, images: np.ndarray, attribution: AttributionMethodConfig, io: _Io,
+               visualization: Any, probs: np.ndarray, keys: list[tuple[int, int]], samples: int, num_baselines: int,
+               path_ends: np.ndarray, path_starts: np.ndarray, classes: np.ndarray, f_x: np.ndarray, f_b: np.ndarray,
+               path: str, blur: Any, segments: dict[int, Future], return_raw: bool) -> list[dict[str, Any]]:
+    """IG over every path, then each attribution (XRAI: its regions) rendered in Vertex's shape."""
     ig = IntegratedGradients().GetMask(
-        flat_ends[x_rows], flat_starts[b_rows], classes, model, step_count=attribution.step_count,
+        path_ends, path_starts, classes, model, step_count=attribution.step_count,
         quadrature=attribution.quadrature, target_error=attribution.target_error,
         max_step_count=attribution.max_step_count, path=path,
         max_blur_sigma=blur.max_blur_sigma if blur else 0.0,
-        end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]), min_output_gap=MIN_OUTPUT_DELTA,
+        end_outputs=(f_x, f_b), min_output_gap=MIN_OUTPUT_DELTA,
         path_groups=np.arange(len(keys)) // (samples * num_baselines))  # the paths averaged into one attribution
 
     results = [{"attributions": [], "warnings": []} for _ in images]
     per_path = samples * num_baselines
     xrai = XRAI() if attribution.method == XRAI_METHOD else None
     checkpoint = getattr(model, "check_cancelled", None) or (lambda: None)
-    segments: dict[int, list[np.ndarray]] = {}
     for first in range(0, len(keys), per_path):
         i, c = keys[first]
         rows = slice(first, first + per_path)
@@ -208,9 +247,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         instance, baseline = float(probs[i, c]), float(ig.baseline_outputs[rows].mean())
         if xrai:
             checkpoint()  # the region steps make no model call: a wrapper's cancellation checks here
-            if i not in segments:
-                segments[i] = segment(images[i])
-            shown = xrai.GetMask(images[i], attr, segments[i])[0]
+            shown = xrai.GetMask(images[i], attr, segments[i].result())[0]
         else:
             shown = attr
         image_rgb = render_attribution(images[i], shown, visualization, attribution.method)

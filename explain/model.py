@@ -169,12 +169,18 @@ def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, 
     return kernel.get_concrete_function()
 
 
-def load_explainable_model(model_dir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> ExplainableModel:
-    """Load an exported model with its ``labels.txt`` and ``explanation_metadata.json``."""
+def load_explainable_model(model_dir: str, batch_size: int = DEFAULT_BATCH_SIZE,
+                           loaded: Any = None) -> ExplainableModel:
+    """Load an exported model with its ``labels.txt`` and ``explanation_metadata.json``.
+
+    ``loaded``: the SavedModel already loaded from ``model_dir`` (a server that also runs its
+    ``serving_default``), so its variables are held once and not loaded again.
+    """
     for name in (LABELS_FILE, EXPLANATION_METADATA_FILE, "saved_model.pb"):
         if not tf.io.gfile.exists(posixpath.join(model_dir, name)):
             raise ModelLoadError(f"{model_dir}: no {name} (export the model with trainer.export first)")
-    loaded = tf.saved_model.load(model_dir)
+    if loaded is None:
+        loaded = tf.saved_model.load(model_dir)
     missing = {XAI_PREPROCESS_SIGNATURE, XAI_MODEL_SIGNATURE} - set(loaded.signatures)
     if missing:
         raise ModelLoadError(f"{model_dir}: SavedModel lacks signature(s) {sorted(missing)}")

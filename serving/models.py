@@ -21,9 +21,9 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 
 from serving.instances import RequestError
+from trainer.export import read_signature_defs
 from trainer.schema import SERVING_INPUT, SERVING_SIGNATURE
 
 
@@ -57,14 +57,9 @@ def _cache_name(uri: str) -> str:
 
 def serving_input_name(model_dir: str) -> str:
     """The single input of the SavedModel's ``serving_default`` signature (``bytes_inputs``)."""
-    path = posixpath.join(model_dir, "saved_model.pb")
-    proto = saved_model_pb2.SavedModel()
-    with tf.io.gfile.GFile(path, "rb") as f:
-        proto.ParseFromString(f.read())
-    for meta_graph in proto.meta_graphs:
-        signature = meta_graph.signature_def.get(SERVING_SIGNATURE)
-        if signature is not None and len(signature.inputs) == 1:
-            return next(iter(signature.inputs))
+    signature = read_signature_defs(model_dir).get(SERVING_SIGNATURE)
+    if signature is not None and len(signature.inputs) == 1:
+        return next(iter(signature.inputs))
     return SERVING_INPUT
 
 
@@ -87,13 +82,19 @@ class ServedModel:
     def loaded(self) -> bool:
         return self._signature is not None
 
+    def _saved_model(self) -> Any:
+        """The SavedModel, loaded once (call with the lock held): ``:predict`` and ``:explain``
+        share its variables, so a version costs one load and one copy of its weights."""
+        if self._saved is None:
+            self._saved = tf.saved_model.load(self.model_dir)
+        return self._saved
+
     def signature(self) -> Any:
         """The ``serving_default`` concrete function (bytes -> probabilities), loaded once."""
         if self._signature is None:
             with self._lock:
                 if self._signature is None:
-                    self._saved = tf.saved_model.load(self.model_dir)  # owns the variables
-                    self._signature = self._saved.signatures[SERVING_SIGNATURE]
+                    self._signature = self._saved_model().signatures[SERVING_SIGNATURE]
         return self._signature
 
     def explainable(self) -> Any:
@@ -103,7 +104,7 @@ class ServedModel:
                 if self._explainable is None:
                     from explain import load_explainable_model
 
-                    self._explainable = load_explainable_model(self.model_dir)
+                    self._explainable = load_explainable_model(self.model_dir, loaded=self._saved_model())
         return self._explainable
 
     @property

@@ -14,7 +14,7 @@ from saliency import core as saliency_core
 
 from explain import explain_images, load_explainable_model
 from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT, MIN_PANEL_WIDTH,
-                                          IntegratedGradients, _panels_to_split)
+                                          RESOLUTION, IntegratedGradients, PathResult, _panels_to_split)
 from explain.testing import export_saturating_classifier, smooth_images
 
 
@@ -71,7 +71,37 @@ def test_panels_are_split_over_their_random_walk_allowance_then_their_strict_sha
     assert _panels_to_split(np.array([0.2, 0.24, 0.2, 0.2]), widths, 1.0) == [1]
     # a panel at the narrowest width is never split
     narrow = np.array([2 * MIN_PANEL_WIDTH, 1 - 2 * MIN_PANEL_WIDTH])
-    assert _panels_to_split(np.array([1.0, 1e-9]), narrow, 1e-6) == [1]
+    assert _panels_to_split(np.array([1e-7, 1e-6]), narrow, 1e-6) == [1]
+    # and when the narrowest panels alone miss the target, splitting the others cannot help
+    assert _panels_to_split(np.array([1.0, 1e-9]), narrow, 1e-6) == []
+
+
+class _JumpModel:
+    """F(alpha) jumps from 0 to 1 at alpha = 0.3 with zero gradient everywhere: no quadrature sees it."""
+
+    def predict(self, images):
+        up = (images.reshape(len(images), -1).mean(axis=1) > 0.3).astype(np.float32)
+        return np.stack([up, 1 - up], axis=1)
+
+    def path_gradients(self, batch):
+        return PathResult(np.zeros((batch.num_groups, 1, 1, 1), np.float32), np.zeros(len(batch.alphas), np.float32),
+                          (batch.alphas > 0.3).astype(np.float32))
+
+
+def test_a_jump_the_gradient_cannot_see_stops_at_the_resolution_and_says_more_steps_will_not_help():
+    from explain.explainer import _warnings
+    from explain.parameters import parse_explanation_parameters
+
+    x, b = np.ones((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.float32)
+    out = IntegratedGradients().GetMask(x, b, np.array([0]), _JumpModel(), step_count=5, target_error=0.05)
+    assert list(out.stop_reasons) == [RESOLUTION]
+    assert out.step_counts[0] < 40  # one bisection per round down to the narrowest panel, not the cap
+    assert out.approximation_errors[0] == pytest.approx(1.0)
+    config = parse_explanation_parameters({"integrated_gradients_attribution": {"step_count": 5}}).attribution
+    (warning,) = _warnings("up", float(out.approximation_errors[0]), 1.0, 0.0, out.stop_reasons, out.step_counts,
+                           config)
+    assert "more steps will not help" in warning and "another baseline" in warning
+    assert "max_step_count" not in warning
 
 
 def test_adaptive_mode_meets_its_target(saturating_model, images):

@@ -79,3 +79,16 @@ def test_cli_writes_figures(exported_model_dir, tmp_path):
     assert [s["attributions"][0]["outputName"] for s in summary] == ["probabilities"] * 2
     with pytest.raises(ValueError, match="cannot read image file"):
         cli_main(str(tmp_path / "missing.jpg"), model_dir=exported_model_dir, output_dir=str(out))
+
+
+def test_xrai_segments_are_exactly_saliencys_with_each_mask_dilated_in_its_box():
+    from saliency.core.xrai import _get_segments_felzenszwalb
+
+    from explain.xrai import segment
+
+    rng = np.random.default_rng(3)
+    noisy = np.clip(smooth_images(1, seed=5) + rng.normal(0, 0.1, (1, *smooth_images(1).shape[1:])), 0, 1)
+    for image in (*smooth_images(2), noisy[0]):  # shapes, gradients, noise: segments at every border too
+        ours, theirs = segment(image), _get_segments_felzenszwalb(np.asarray(image, np.float64))
+        assert len(ours) == len(theirs) > 10
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))

@@ -110,7 +110,8 @@ def test_whole_pipeline_offline_ends_with_an_explained_prediction(sample_data, b
         f"data.train_data_path={sample_data['train_pattern']}", f"data.eval_data_path={sample_data['eval_pattern']}",
         f"training.hub_handle={backbone_dir}", "training.num_epochs=3", "training.batch_size=16",
         f"local.registry_dir={tmp_path / 'registry'}", f"local.work_dir={tmp_path / 'runs'}",
-        "explanation.parameters={integrated_gradients_attribution: {step_count: 16}}"])
+        # the wiring is under test here, not fidelity (tests/test_explain_trained.py): a bounded path
+        "explanation.parameters={integrated_gradients_attribution: {step_count: 8, max_step_count: 24}}"])
     root = run_local(cfg)
     summary = json.load(open(os.path.join(root, "explained_prediction.json")))
     assert open(os.path.join(root, "explained_prediction.png"), "rb").read(4) == b"\x89PNG"
@@ -132,7 +133,7 @@ def test_make_pipeline_with_a_placeholder_left_fails_in_one_sentence_naming_it()
     import sys
 
     env = {**os.environ, "PYTHONPATH": ROOT, "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent.json"}
-    # (each run loads TensorFlow to check the explanation parameters: two runs; every field is checked in-process)
+    # (two runs, each a process of its own; every field is checked in-process below)
     cases = [(["submit", "--set", "gcp.project=p", "--set", "gcp.bucket=gs://b"], "images.components"),
              (["schedule", *[a for f in FILLED for a in ("--set", f)]], "credentials")]
     for command, named in cases:
