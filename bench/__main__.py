@@ -59,7 +59,7 @@ def _worker(name: str, args: argparse.Namespace, profile: str, figures_dir: str)
             return json.load(f)
 
 
-def _previous(path: str, profile: dict, build: dict) -> dict:
+def _previous(path: str, profile: dict, build: dict, rerun: list[str]) -> dict:
     """The last run's comparisons that are still valid: same backbone build, same data and
     classifier sizes, and none of the comparison's own profile fields changed. Each dropped
     comparison is named with the reason, so ``--only`` never loses a result silently."""
@@ -72,11 +72,14 @@ def _previous(path: str, profile: dict, build: dict) -> dict:
     profile = json.loads(json.dumps(profile))  # tuples as the JSON file holds them
     kept = {}
     for name, result in old.get("comparisons", {}).items():
+        if name in rerun:
+            continue
         ran_with = result.get("profile") or old.get("profile") or {}
         if (old.get("build") or {}).get("backbone", {}).get("recipe") != build.get("backbone", {}).get("recipe"):
             changed = ["the backbone recipe"]
         else:
-            changed = [k for k in (*ASSET_FIELDS, *COMPARISON_FIELDS.get(name, ())) if ran_with.get(k) != profile.get(k)]
+            fields = dict.fromkeys((*ASSET_FIELDS, *COMPARISON_FIELDS.get(name, ())))
+            changed = [k for k in fields if ran_with.get(k) != profile.get(k)]
         if changed:
             print(f"[bench] dropping {name} from the last run: measured with a different {', '.join(changed)}; "
                   f"re-run it with --only {name}", flush=True)
@@ -104,9 +107,10 @@ def main(argv=None) -> int:
         print(f"[bench] could not build the benchmark's data and model: {assets['error']}", file=sys.stderr)
         return 1
     results["build"] = assets["build"]
-    # --only re-runs some comparisons and keeps the others' results from the last run with the same
-    # sizes on the same backbone
-    previous = _previous(results["results_json"], results["profile"], results["build"]) if args.only else {}
+    # --only re-runs some comparisons and keeps the others' results from the last run, each if its
+    # own profile fields and the backbone are unchanged
+    previous = _previous(results["results_json"], results["profile"], results["build"],
+                         args.only) if args.only else {}
     results["comparisons"] = {name: previous[name] for name in COMPARISONS if name in previous}
     for name in args.only or list(COMPARISONS):
         results["comparisons"][name] = _worker(name, args, profile, figures_dir)

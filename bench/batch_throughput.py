@@ -82,7 +82,7 @@ def run(model_dir: str, images: Sequence[bytes], step_count: int = 50, batch_siz
         pixels = explain_engine.model.preprocess(images[:1])[0]
         curve = forward_backward_curve(floor_model, pixels, tuple(floor_batches or FLOOR_BATCH_SIZES))
         best = min(curve, key=curve.get)
-        explain_times, floor_times = [], [curve[best]]
+        explain_times, floor_times = [], []
         for _ in range(repeats):
             explain_times.append(_median_seconds(lambda: bulk(explain_engine, True), 1) / len(images))
             floor_times.append(forward_backward_curve(floor_model, pixels, (best,))[best])

@@ -118,9 +118,10 @@ ASSET_FIELDS = ("name", "num_train", "num_eval", "train_epochs", "seed")
 COMPARISON_FIELDS = {
     "ig_speed": ("ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats",
                  "floor_batches"),
-    "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder"),
+    "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder", "ig_max_steps"),
     "training": ("num_train", "training_shards", "num_eval", "training_epochs", "training_repeats"),
-    "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch"),
+    "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch", "ig_start_steps",
+                "ig_max_steps"),
     "scale": ("scale_steps", "scale_batches", "scale_sizes", "scale_base_steps", "scale_repeats"),
     "batch_throughput": ("batch_images", "batch_steps", "batch_predict_images", "batch_repeats", "floor_batches"),
     "quality": ("quality_images", "quality_steps", "quality_ig_steps", "sanity_images", "pic_images",

@@ -71,9 +71,6 @@ def _table(t: dict, context: str = "") -> list[str]:
     return lines + [""]
 
 
-#: The sizes of each comparison, from the profile, printed under its title.
-
-
 def render(results: dict, report_path: str) -> str:
     """The markdown text; figure links are relative to ``report_path``."""
     m, profile = results["machine"], results["profile"]

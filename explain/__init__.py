@@ -4,7 +4,8 @@ SavedModel's ``xai_preprocess``/``xai_model`` signatures.
 
 The server (``serving/``) and the CLI (``python -m explain``) use this public API. Names are
 imported on first use: checking a configuration (``explain.parameters``) must not load
-TensorFlow, which only the model and the explainer need.
+TensorFlow, which only the model and the explainer need (so ``import explain`` alone does
+not import its submodules either: import them by name).
 """
 
 import importlib
@@ -24,6 +25,10 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 def __getattr__(name: str):

@@ -123,7 +123,8 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
                    f"raise max_step_count, or use another baseline")
     elif RESOLUTION in reasons:
         out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {MAX_APPROXIMATION_ERROR} "
-                   f"after {int(steps.max())} gradient evaluations: the output jumps within 1/{round(1 / MIN_PANEL_WIDTH)} "
+                   f"after {int(steps.max())} gradient evaluations: the output jumps within "
+                   f"1/{round(1 / (2 * MIN_PANEL_WIDTH))} "
                    f"of the path, where its gradient does not show it, so more steps will not help; use another "
                    f"baseline")
     elif DEGENERATE not in reasons and abs(instance - baseline) >= MIN_OUTPUT_DELTA:
@@ -154,8 +155,8 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
     if not len(images):
         return []
     probs = model.predict(images) if probabilities is None else np.asarray(probabilities, np.float32)
-    if probs.shape[0] != len(images):
-        raise ValueError(f"probabilities has {probs.shape[0]} rows for {len(images)} images")
+    if probs.ndim != 2 or probs.shape[0] != len(images):
+        raise ValueError(f"probabilities must be [{len(images)}, classes], got {probs.shape}")
     selected = _selected_outputs(probs, config)
     if len(io.display_names) != probs.shape[1]:
         raise ExplanationParametersError(f"explanation metadata outputs.{io.output_key}.index_display_name_mapping "
@@ -211,7 +212,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
 
 
 def _segment_in_background(images: np.ndarray) -> dict[int, Future]:
-    """XRAI's segmentation of each image (about a second of single-threaded CPU on 192 x 192),
+    """XRAI's segmentation of each image (see :data:`explain.cost.XRAI_SEGMENTATION_COST`),
     started now in one worker thread so it overlaps the batched IG calls: small IG rounds do not
     keep every core busy, and TensorFlow releases the GIL while it computes."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrai-segments")

@@ -36,7 +36,7 @@ def _dilate_in_box(mask: np.ndarray, footprint: np.ndarray, radius: int) -> np.n
     (the default mode) only mirrors pixels that are False, as over the whole image."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not len(rows):
-        return dilation(mask, footprint=footprint)
+        return np.zeros_like(mask)
     pad = radius + 1
     r0, r1 = max(rows[0] - pad, 0), min(rows[-1] + pad + 1, mask.shape[0])
     c0, c1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, mask.shape[1])

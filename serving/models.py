@@ -80,7 +80,7 @@ class ServedModel:
 
     @property
     def loaded(self) -> bool:
-        return self._signature is not None
+        return self._saved is not None
 
     def _saved_model(self) -> Any:
         """The SavedModel, loaded once (call with the lock held): ``:predict`` and ``:explain``

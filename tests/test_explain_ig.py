@@ -72,8 +72,11 @@ def test_panels_are_split_over_their_random_walk_allowance_then_their_strict_sha
     # a panel at the narrowest width is never split
     narrow = np.array([2 * MIN_PANEL_WIDTH, 1 - 2 * MIN_PANEL_WIDTH])
     assert _panels_to_split(np.array([1e-7, 1e-6]), narrow, 1e-6) == [1]
-    # and when the narrowest panels alone miss the target, splitting the others cannot help
-    assert _panels_to_split(np.array([1.0, 1e-9]), narrow, 1e-6) == []
+    # and when the narrowest panels alone miss the target, only panels over their allowance are
+    # still split (they can still shrink the error), then none: no fallback can meet the target
+    stuck = np.array([2 * MIN_PANEL_WIDTH, 0.5, 0.5 - 2 * MIN_PANEL_WIDTH])
+    assert _panels_to_split(np.array([1.0, 0.9, 1e-9]), stuck, 0.1) == [1]
+    assert _panels_to_split(np.array([1.0, 0.05, 1e-9]), stuck, 0.1) == []
 
 
 class _JumpModel:

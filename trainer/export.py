@@ -74,8 +74,8 @@ def read_signature_defs(model_dir: str) -> Mapping[str, Any]:
         proto.ParseFromString(f.read())
     signatures: dict[str, Any] = {}
     for meta_graph in proto.meta_graphs:
-        signatures.update(meta_graph.signature_def)
-    return signatures
+        signatures.update({k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")})
+    return signatures  # without TF2's internal "__saved_model_init_op", as loaded.signatures
 
 
 def inspect_signatures(export_dir: str) -> SignatureNames:
