@@ -201,13 +201,48 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
                     b_rows.append((i * samples + s) * num_baselines + b)
                     classes.append(c)
     x_rows, b_rows, classes = np.array(x_rows), np.array(b_rows), np.array(classes)
+    # XRAI's segmentation runs in the background while IG runs; an error or a cancellation
+    # cancels the segmentations not started
     segments = _segment_in_background(images) if attribution.method == XRAI_METHOD else {}
     try:
-        return _attribute(model, images, attribution, io, visualization, probs, keys, samples, num_baselines,
-                          flat_ends[x_rows], flat_starts[b_rows], classes, end_probs[x_rows, classes],
-                          start_probs[b_rows, classes], path, blur, segments, return_raw)
+        ig = IntegratedGradients().GetMask(
+            flat_ends[x_rows], flat_starts[b_rows], classes, model, step_count=attribution.step_count,
+            quadrature=attribution.quadrature, target_error=attribution.target_error,
+            max_step_count=attribution.max_step_count, path=path,
+            max_blur_sigma=blur.max_blur_sigma if blur else 0.0,
+            end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]), min_output_gap=MIN_OUTPUT_DELTA,
+            path_groups=np.arange(len(keys)) // (samples * num_baselines))  # the paths averaged into one attribution
+
+        results = [{"attributions": [], "warnings": []} for _ in images]
+        per_path = samples * num_baselines
+        xrai = XRAI() if attribution.method == XRAI_METHOD else None
+        checkpoint = getattr(model, "check_cancelled", None) or (lambda: None)
+        for first in range(0, len(keys), per_path):
+            i, c = keys[first]
+            rows = slice(first, first + per_path)
+            attr = ig.attributions[rows].mean(axis=0)
+            deltas = np.abs(ig.instance_outputs[rows] - ig.baseline_outputs[rows])
+            error = float(ig.absolute_errors[rows].sum() / max(deltas.sum(), np.finfo(np.float32).tiny))
+            instance, baseline = float(probs[i, c]), float(ig.baseline_outputs[rows].mean())
+            if xrai:
+                checkpoint()  # the region steps make no model call: a wrapper's cancellation checks here
+                shown = xrai.GetMask(images[i], attr, segments[i].result())[0]
+            else:
+                shown = attr
+            image_rgb = render_attribution(images[i], shown, visualization, attribution.method)
+            feature = {"b64_jpeg": encode_jpeg_b64(image_rgb)}
+            if return_raw:
+                feature["raw"] = shown.tolist()
+            name = io.display_names[c]
+            results[i]["attributions"].append({
+                "outputIndex": [int(c)], "outputDisplayName": name, "instanceOutputValue": instance,
+                "baselineOutputValue": baseline, "approximationError": error, "outputName": io.output_key,
+                "featureAttributions": {io.input_key: feature}})
+            results[i]["warnings"].extend(_warnings(name, error, instance, baseline, ig.stop_reasons[rows],
+                                                    ig.step_counts[rows], attribution))
+        return results
     finally:
-        for future in segments.values():  # an error or a cancellation: segmentations not started never run
+        for future in segments.values():
             future.cancel()
 
 
@@ -220,46 +255,3 @@ def _segment_in_background(images: np.ndarray) -> dict[int, Future]:
         return {i: pool.submit(segment, image) for i, image in enumerate(images)}
     finally:
         pool.shutdown(wait=False)  # submitted work still runs; the thread exits when it is done
-
-
-def _attribute(model: ExplainableModel, images: np.ndarray, attribution: AttributionMethodConfig, io: _Io,
-               visualization: Any, probs: np.ndarray, keys: list[tuple[int, int]], samples: int, num_baselines: int,
-               path_ends: np.ndarray, path_starts: np.ndarray, classes: np.ndarray, f_x: np.ndarray, f_b: np.ndarray,
-               path: str, blur: Any, segments: dict[int, Future], return_raw: bool) -> list[dict[str, Any]]:
-    """IG over every path, then each attribution (XRAI: its regions) rendered in Vertex's shape."""
-    ig = IntegratedGradients().GetMask(
-        path_ends, path_starts, classes, model, step_count=attribution.step_count,
-        quadrature=attribution.quadrature, target_error=attribution.target_error,
-        max_step_count=attribution.max_step_count, path=path,
-        max_blur_sigma=blur.max_blur_sigma if blur else 0.0,
-        end_outputs=(f_x, f_b), min_output_gap=MIN_OUTPUT_DELTA,
-        path_groups=np.arange(len(keys)) // (samples * num_baselines))  # the paths averaged into one attribution
-
-    results = [{"attributions": [], "warnings": []} for _ in images]
-    per_path = samples * num_baselines
-    xrai = XRAI() if attribution.method == XRAI_METHOD else None
-    checkpoint = getattr(model, "check_cancelled", None) or (lambda: None)
-    for first in range(0, len(keys), per_path):
-        i, c = keys[first]
-        rows = slice(first, first + per_path)
-        attr = ig.attributions[rows].mean(axis=0)
-        deltas = np.abs(ig.instance_outputs[rows] - ig.baseline_outputs[rows])
-        error = float(ig.absolute_errors[rows].sum() / max(deltas.sum(), np.finfo(np.float32).tiny))
-        instance, baseline = float(probs[i, c]), float(ig.baseline_outputs[rows].mean())
-        if xrai:
-            checkpoint()  # the region steps make no model call: a wrapper's cancellation checks here
-            shown = xrai.GetMask(images[i], attr, segments[i].result())[0]
-        else:
-            shown = attr
-        image_rgb = render_attribution(images[i], shown, visualization, attribution.method)
-        feature = {"b64_jpeg": encode_jpeg_b64(image_rgb)}
-        if return_raw:
-            feature["raw"] = shown.tolist()
-        name = io.display_names[c]
-        results[i]["attributions"].append({
-            "outputIndex": [int(c)], "outputDisplayName": name, "instanceOutputValue": instance,
-            "baselineOutputValue": baseline, "approximationError": error, "outputName": io.output_key,
-            "featureAttributions": {io.input_key: feature}})
-        results[i]["warnings"].extend(_warnings(name, error, instance, baseline, ig.stop_reasons[rows],
-                                                ig.step_counts[rows], attribution))
-    return results
