@@ -8,6 +8,8 @@ PY          := $(VENV)/bin/python
 RUN         := PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY)
 CONFIG      ?= configs/local.yaml
 VERTEX_CONFIG ?= configs/vertex.yaml
+# test processes: the suite is mostly one core busy at a time (waiting on servers, subprocesses)
+TEST_WORKERS ?= 2
 
 DATA_DIR    ?= data/sample
 BACKBONE    ?= models/backbone
@@ -96,8 +98,8 @@ serve: venv ## Serve the local registry's endpoints (Vertex REST API) on 127.0.0
 serve-model: venv ## Serve EXPORT_DIR alone behind every endpoint name on 127.0.0.1:PORT
 	$(RUN) -m serving --model $(EXPORT_DIR) --port $(PORT)
 
-test: venv ## Run the test suite
-	$(RUN) -m pytest
+test: venv ## Run the test suite (TEST_WORKERS processes, default 2)
+	$(RUN) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: venv ## Run the benchmarks on this machine; writes BENCHMARKS.md, bench/results.json, bench/figures/
 	$(RUN) -m bench

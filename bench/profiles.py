@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from trainer.schema import DEFAULT_ADAPTIVE_START
+from trainer.schema import DEFAULT_ADAPTIVE_START, XRAI_MIN_START
 
 
 #: batch sizes of the forward+backward floor's curve (the floor is the cheapest per image)
@@ -46,7 +46,7 @@ class Profile:
     # 2. XRAI
     xrai_images: int = 2
     #: our request's ``xrai_attribution.step_count`` (the config's; refinement does the rest)
-    xrai_steps: int = DEFAULT_ADAPTIVE_START
+    xrai_steps: int = XRAI_MIN_START
     #: None: saliency.XRAI's defaults (100 steps); the quick profile sets a few
     xrai_reference_steps: int | None = None
     #: step counts tried for the accurate saliency.XRAI (the first whose median IG error is <= 0.05)

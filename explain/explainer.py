@@ -17,7 +17,7 @@ import numpy as np
 from explain.integrated_gradients import DEGENERATE, LIMIT, MIN_PANEL_WIDTH, RESOLUTION, IntegratedGradients
 from explain.model import ExplainableModel
 from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
-                                ExplanationParametersError, parse_explanation_parameters)
+                                ExplanationParametersError, parse_explanation_parameters, start_step_count)
 from explain.paths import LINEAR, SCALE_SPACE, gaussian_blur
 from explain.visualization import encode_jpeg_b64, parse_visualization, render_attribution
 from explain.xrai import XRAI, segment
@@ -206,7 +206,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
     segments = _segment_in_background(images) if attribution.method == XRAI_METHOD else {}
     try:
         ig = IntegratedGradients().GetMask(
-            flat_ends[x_rows], flat_starts[b_rows], classes, model, step_count=attribution.step_count,
+            flat_ends[x_rows], flat_starts[b_rows], classes, model, step_count=start_step_count(attribution),
             quadrature=attribution.quadrature, target_error=attribution.target_error,
             max_step_count=attribution.max_step_count, path=path,
             max_blur_sigma=blur.max_blur_sigma if blur else 0.0,

@@ -14,7 +14,9 @@ Our extensions (NOT Vertex fields) live in the method dict beside ``step_count``
   nobody tuned is faithful: ``step_count`` is where a path starts, and steps are added where
   completeness fails until the error is at most ``target_error`` or ``max_step_count`` is spent
   (:class:`explain.integrated_gradients.IntegratedGradients`). ``target_error: null`` turns
-  refinement off: exactly ``step_count`` steps, Vertex's own semantics.
+  refinement off: exactly ``step_count`` steps, Vertex's own semantics. XRAI's paths start from
+  at least :data:`XRAI_MIN_START` points when refining (:func:`start_step_count`): its regions are
+  ranked by the per-pixel map, which completeness alone does not converge.
 - ``max_step_count``: the cap on gradient evaluations per path (default 400): what one path can
   cost, whatever the model and the image.
 - ``quadrature``: with refinement off, the rule of the fixed steps (:mod:`explain.quadrature`),
@@ -38,7 +40,7 @@ from typing import Any, Mapping
 
 from explain.quadrature import DEFAULT_QUADRATURE, QUADRATURE_RULES
 # where refinement starts, and fixed steps, when nobody chose a step_count (re-exported)
-from trainer.schema import DEFAULT_ADAPTIVE_START, DEFAULT_FIXED_STEP_COUNT  # noqa: F401
+from trainer.schema import DEFAULT_ADAPTIVE_START, DEFAULT_FIXED_STEP_COUNT, XRAI_MIN_START  # noqa: F401
 
 # Vertex's documented ranges.
 MIN_STEP_COUNT, MAX_STEP_COUNT = 1, 100
@@ -272,6 +274,15 @@ def _method(raw: Any, method: str, where: str) -> AttributionMethodConfig:
                                    max_step_count=max_steps, baselines=baselines, seed=seed)
 
 
+def start_step_count(attribution: AttributionMethodConfig) -> int:
+    """The grid points each path starts from: ``step_count``, except that XRAI with refinement on
+    starts from at least :data:`XRAI_MIN_START` (see there: below it the map its regions are
+    ranked by is not converged, though completeness is). Fixed steps are the user's, exactly."""
+    if attribution.method == XRAI_METHOD and attribution.target_error is not None:
+        return max(attribution.step_count, XRAI_MIN_START)
+    return attribution.step_count
+
+
 def max_path_evaluations(attribution: AttributionMethodConfig) -> int:
     """The most gradient evaluations (forward+backward passes) one IG path of this configuration
     may spend: the figure a server's cost model multiplies by the number of paths of a request
@@ -279,7 +290,7 @@ def max_path_evaluations(attribution: AttributionMethodConfig) -> int:
     this fact, so the explainer's refinement and the server's budget never disagree."""
     if attribution.target_error is None:
         return attribution.step_count
-    return max(attribution.step_count, attribution.max_step_count, 2)  # a trapezoid grid has 2 ends
+    return max(start_step_count(attribution), attribution.max_step_count, 2)  # a trapezoid grid has 2 ends
 
 
 def _flat_ints(value: Any, field: str) -> tuple[int, ...]:
