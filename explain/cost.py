@@ -21,7 +21,7 @@ from explain.visualization import parse_visualization
 
 #: The default budget in gradient evaluations per request. One default explanation of one image
 #: must fit: XRAI integrates from two baselines (black and white), each path up to the adaptive
-#: cap of a few hundred evaluations (2 x 400 = 800), plus its region steps (100). 1000 is the
+#: cap of a few hundred evaluations (2 x 400 = 800), plus its region steps (about 20). 1000 is the
 #: round figure above that: on
 #: MobileNetV2 @ 192 (about 15 ms per evaluation on 2 cores) the worst case is about 15 s, while
 #: adaptive IG usually stops far below its cap; the request deadline bounds the rest.
@@ -30,10 +30,11 @@ DEFAULT_EXPLAIN_BUDGET = 1000
 
 #: XRAI's region steps make no model call but are not free: multi-scale segmentation once per
 #: image (0.5-0.6 s on one core, measured on 192 x 192 validation images) and region ranking once
-#: per explained output (0.6-0.7 s), each about as long as this many gradient evaluations of
-#: MobileNetV2 @ 192 on 2 cores (34 ms each). Counted so the budget bounds them.
+#: per explained output (0.06-0.09 s with :func:`explain.xrai.rank_regions`), each about as long
+#: as this many gradient evaluations of MobileNetV2 @ 192 on 2 cores (34-45 ms each). Counted so
+#: the budget bounds them.
 XRAI_SEGMENTATION_COST = 16
-XRAI_RANKING_COST = 20
+XRAI_RANKING_COST = 3
 
 
 class ExplanationCostError(ValueError):

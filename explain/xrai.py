@@ -3,7 +3,10 @@
 XRAI: Kapishnikov et al. 2019, https://arxiv.org/abs/1906.02825. The region algorithm (multi-scale
 Felzenszwalb segmentation, then regions ranked greedily by attribution gain) is
 ``saliency.core.XRAI``'s; its own IG path (one Python call per step, per baseline) is replaced by
-our batched IG for the black and white baselines, passed in through ``base_attribution``.
+our batched IG for the black and white baselines. Both region steps give exactly ``saliency``'s
+result, computed faster (tested against it): the segmentation dilates each mask in its box
+(:func:`segment`), and the greedy ranking scores every remaining segment at once with one sparse
+product per step (:func:`rank_regions`) instead of three full-image mask operations per segment.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from __future__ import annotations
 import trainer  # noqa: F401  (saliency imports TensorFlow)
 
 import numpy as np
-from saliency import core as saliency_core
 from saliency.core.xrai import _get_segments_felzenszwalb
+from scipy import sparse
 from skimage.morphology import dilation, disk
 
 
 #: ``saliency``'s default dilation radius of each segment (its ``_get_segments_felzenszwalb``).
 DILATION_RADIUS = 5
+#: ``saliency``'s ``XRAIParameters.experimental_params['min_pixel_diff']``: a segment adding fewer
+#: new pixels than this to the regions chosen so far is dropped.
+MIN_PIXEL_DIFF = 50
 
 
 def segment(x_value: np.ndarray) -> list[np.ndarray]:
@@ -45,27 +51,73 @@ def _dilate_in_box(mask: np.ndarray, footprint: np.ndarray, radius: int) -> np.n
     return out
 
 
-def _no_model_calls(*args, **kwargs):
-    raise AssertionError("XRAI was given its base attribution; it must not call the model")
+def rank_regions(attr: np.ndarray, masks: list[np.ndarray], area_threshold: float = 1.0,
+                 min_pixel_diff: int = MIN_PIXEL_DIFF) -> tuple[np.ndarray, np.ndarray]:
+    """XRAI's greedy region ranking, ``saliency.core.XRAI._xrai`` exactly: repeatedly add the
+    segment whose not yet covered pixels have the highest mean attribution (ties: the first
+    segment), until ``area_threshold`` of the image is covered; returns each pixel's region gain
+    and region rank (1 = added first after sorting by gain, as ``flatten_xrai_segments``).
+
+    ``saliency`` tests every remaining segment with full-image mask operations, ~150 segments per
+    step for ~150 steps. Here each segment's count and sum of uncovered pixels are kept up to date
+    by subtracting the pixels each step covers (one sparse column slice; every pixel once in all),
+    and only the leaders are re-scored with ``saliency``'s own expression, so the choice and every
+    gain are bit-identical to its result (the running sums' rounding differs in the last bits)."""
+    attr = np.asarray(attr, np.float64)
+    flat_attr = attr.ravel()
+    masks = [np.asarray(m, bool) for m in masks]
+    rows, columns = np.nonzero(np.stack([m.ravel() for m in masks])) if masks else (np.zeros(0, int),) * 2
+    members = sparse.csc_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(masks), flat_attr.size))
+    counts = np.asarray(members.sum(axis=1)).ravel()
+    sums = members @ flat_attr
+    slack = 1e-6 * max(float(np.abs(flat_attr).max(initial=0.0)), np.finfo(np.float64).tiny)
+    alive = np.ones(len(masks), bool)
+    covered = np.zeros(attr.shape, bool)
+    output = np.full(attr.shape, -np.inf)
+    trace: list[tuple[np.ndarray, float]] = []
+    while covered.mean() <= area_threshold:
+        alive &= counts >= min_pixel_diff
+        if not alive.any():
+            break
+        approx = np.where(alive, sums / np.maximum(counts, 1), -np.inf)
+        free = ~covered
+        leaders = np.flatnonzero(approx >= approx.max() - slack)
+        gains = [attr[masks[i] & free].mean() for i in leaders]
+        best = int(leaders[int(np.argmax(gains))])  # argmax: the first of equal gains, as saliency
+        gain = float(np.max(gains))
+        added = masks[best] & free
+        trace.append((added, gain))
+        covered |= masks[best]
+        output[added] = gain
+        alive[best] = False
+        newly = np.flatnonzero(added.ravel())
+        taken = members[:, newly]
+        counts -= np.asarray(taken.sum(axis=1)).ravel()
+        sums -= taken @ flat_attr[newly]
+    uncomputed = output == -np.inf
+    output[uncomputed] = attr[uncomputed].mean() if uncomputed.any() else -np.inf
+    ordered = [m for m, _ in sorted(trace, key=lambda t: -t[1])] + ([uncomputed] if uncomputed.any() else [])
+    ranks = np.zeros(attr.shape, int)
+    for i, mask in enumerate(ordered):
+        ranks[mask] = i + 1
+    return output, ranks
 
 
 class XRAI:
     """XRAI (https://arxiv.org/abs/1906.02825) over a given IG attribution."""
 
-    def __init__(self, algorithm: str = "full", area_threshold: float = 1.0):
-        self._xrai = saliency_core.XRAI()
-        self._algorithm = algorithm
+    def __init__(self, area_threshold: float = 1.0):
         self._area_threshold = area_threshold
 
     def GetMask(self, x_value: np.ndarray, base_attribution: np.ndarray,
                 segments: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Region attribution ``[H, W]`` (each pixel gets its region's gain) and region ranks
         ``[H, W]`` (1 = most important) for image ``x_value`` ``[H, W, C]``, given the IG
-        attribution ``[H, W, C]`` (averaged over the baselines); ``segments`` from :func:`segment`."""
-        parameters = saliency_core.XRAIParameters(algorithm=self._algorithm, area_threshold=self._area_threshold,
-                                                  return_xrai_segments=True, flatten_xrai_segments=True)
-        result = self._xrai.GetMaskWithDetails(np.asarray(x_value, np.float64), _no_model_calls,
-                                               base_attribution=np.asarray(base_attribution, np.float64),
-                                               segments=segments if segments is not None else segment(x_value),
-                                               extra_parameters=parameters)
-        return result.attribution_mask.astype(np.float32), result.segments
+        attribution ``[H, W, C]`` (averaged over the baselines); ``segments`` from :func:`segment`.
+        Channels merge by their maximum, as ``saliency``'s XRAI does."""
+        attr = np.asarray(base_attribution, np.float64)
+        if attr.ndim > 2:
+            attr = attr.max(axis=-1)
+        output, ranks = rank_regions(attr, segments if segments is not None else segment(x_value),
+                                     self._area_threshold)
+        return output.astype(np.float32), ranks

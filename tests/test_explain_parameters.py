@@ -88,15 +88,17 @@ def test_visualization_defaults_follow_the_method():
 
 
 def test_the_local_config_starts_refinement_where_the_code_does():
-    """configs/local.yaml's step_count is the default start (one fact, checked in one place)."""
+    """configs/local.yaml's step_count is where the code starts its method (one fact, checked in
+    one place): the default start for IG, XRAI's floor for XRAI (so the config says what runs)."""
     import os
 
     from components.config import load_config
-    from explain.parameters import DEFAULT_ADAPTIVE_START
+    from explain.parameters import DEFAULT_ADAPTIVE_START, XRAI_MIN_START, start_step_count
 
     config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                       "configs", "local.yaml"))
     (method,) = config.explanation.parameters.values()
-    assert method["step_count"] == DEFAULT_ADAPTIVE_START
     parsed = parse_explanation_parameters(config.explanation.parameters).attribution
+    assert method["step_count"] == start_step_count(parsed)
+    assert method["step_count"] == (XRAI_MIN_START if parsed.method == "xrai" else DEFAULT_ADAPTIVE_START)
     assert parsed.target_error == 0.05  # refined by default
