@@ -106,8 +106,9 @@ def test_step_choice_takes_the_first_ladder_step_meeting_the_median_or_every_ima
 SMOKE = list(COMPARISONS) if os.environ.get("BENCH_SMOKE_ALL") == "1" else ["ig_speed"]
 
 
-def test_quick_bench_writes_its_comparisons(tmp_path):
-    """``python -m bench --quick`` runs the comparisons and writes the report, JSON and figures."""
+def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
+    """``python -m bench --quick`` runs the comparisons and writes the report, JSON and figures
+    (on the shared backbone, built by the fixture, not under the subprocess's lock wait)."""
     report = tmp_path / "BENCHMARKS.md"
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", *SMOKE, "--output_dir",
@@ -124,7 +125,7 @@ def test_quick_bench_writes_its_comparisons(tmp_path):
         for figure in result.get("figures", []):
             assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n", figure
     # the bench measures the backbone the demo and the tests share, not a build of its own
-    assert results["build"]["backbone"]["dir"] == os.path.join(ROOT, "models", "backbone")
+    assert results["build"]["backbone"]["dir"] == os.path.join(ROOT, "models", "backbone") == backbone_dir
     assert results["build"]["backbone"]["parameters"] == 2_257_984
     text = report.read_text()
     assert "## Machine" in text and "## Reproduce" in text and "## Headline figures" in text

@@ -16,9 +16,6 @@ from explain.integrated_gradients import DEGENERATE, DEGENERATE_STEP_COUNT, Inte
 from explain.parameters import DEFAULT_ADAPTIVE_START
 from trainer.data import load_masks, take_numpy
 
-#: One test worker trains the shared classifier (``trained_run``) for every test that needs it.
-pytestmark = pytest.mark.xdist_group("trained_model")
-
 
 @pytest.fixture(scope="module")
 def model_images_masks(trained_model_dir, sample_data):

@@ -22,7 +22,6 @@ from trainer.train import train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.xdist_group("trained_model")  # with the other users of the session's trained classifier
 def test_training_reaches_real_accuracy_and_writes_metrics(trained_run):
     run_dir, metrics = trained_run
     assert metrics["accuracy"] >= 0.8, metrics  # 5 classes: chance is 0.2
@@ -46,7 +45,6 @@ def test_training_is_deterministic_for_a_seed(sample_data, small_backbone_dir, t
     assert a["loss"] == b["loss"] and a["confusion_matrix"] == b["confusion_matrix"]
 
 
-@pytest.mark.xdist_group("trained_model")
 def test_exported_trained_model_has_train_serve_parity(trained_model_dir, sample_data):
     """The same image bytes through the training input pipeline and through serving_default."""
     from trainer.data import list_files, parse_example
