@@ -99,7 +99,7 @@ serve-model: venv ## Serve EXPORT_DIR alone behind every endpoint name on 127.0.
 	$(RUN) -m serving --model $(EXPORT_DIR) --port $(PORT)
 
 test: venv ## Run the test suite (TEST_WORKERS processes, default 2)
-	$(RUN) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(RUN) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: venv ## Run the benchmarks on this machine; writes BENCHMARKS.md, bench/results.json, bench/figures/
 	$(RUN) -m bench

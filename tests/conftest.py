@@ -46,22 +46,25 @@ def sample_data(tmp_path_factory) -> dict:
     return write_dataset(str(tmp_path_factory.mktemp("data")), num_train=250, num_eval=60, seed=42, num_shards=2)
 
 
-def _needs_real_network(item: pytest.Item) -> bool:
-    return "backbone_dir" in getattr(item, "fixturenames", ())
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Order and group the tests for ``make test``'s two processes (``--dist loadgroup``).
+    """Order the test files for ``make test``'s two processes (``--dist loadfile``: a file is
+    one unit of work, taken in this order).
 
     On a fresh clone the real backbone takes 2-2.5 min to build, and a process that needs it
-    meanwhile waits on its file lock. So one process builds it, runs its tests, trains the shared
-    classifier and runs the tests on that (one group: built and trained once), while the other
-    runs every test that does not need the network first; the other users of the backbone come last."""
-    for item in items:
-        if item.path.name == "test_backbone.py" or "trained_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("real_network"))
-    items.sort(key=_needs_real_network)  # stable: collection order within each part
+    meanwhile waits on its file lock. So its own tests come first (one process builds it), then
+    every file that does not need it (the other process), then the file of the classifier trained
+    on it (trained once, in one process), then the other files that use it."""
+    def uses(fixture: str) -> set:
+        return {item.path for item in items if fixture in getattr(item, "fixturenames", ())}
+
+    real, trained = uses("backbone_dir"), uses("trained_run")
+
+    def order(item: pytest.Item) -> int:
+        if item.path.name == "test_backbone.py":
+            return 0
+        return 2 if item.path in trained else 3 if item.path in real else 1
+
+    items.sort(key=order)  # stable: collection order within each part
 
 
 #: The demo's cached backbone (``make backbone``): the tests reuse it when its recipe matches.
