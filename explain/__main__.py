@@ -24,8 +24,8 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
 
     Args:
       method: ig (Integrated Gradients) or xrai.
-      step_count: path steps to start from (Vertex range 1..100); default 5 refined, or 50 with
-        fixed steps.
+      step_count: path steps to start from (Vertex range 1..100); default 5 refined (XRAI starts
+        from at least 17), or 50 with fixed steps.
       quadrature: extension: a fixed-step rule (turns refinement off): riemann_middle, gauss_legendre
         (smooth activations), riemann_trapezoid, ...
       target_error: extension: the approximation error each path is refined to (default 0.05).

@@ -401,7 +401,8 @@ def main(input: str, output_dir: str, model_dir: str, method: str = "ig",
       output_dir: where prediction.results-* and prediction.errors_stats-* go; rerun to resume.
       model_dir: the exported model (trainer.export).
       method: ig or xrai (ignored when --parameters is given).
-      step_count: path steps to start from (refinement adds steps until the error is at most 0.05).
+      step_count: path steps to start from (refinement adds steps until the error is at most 0.05;
+        XRAI starts from at least 17).
       parameters: full Vertex ExplanationParameters as JSON (overrides method and step_count).
       predict_only: predictions without explanations (serving_default).
       shard_size: instances per output shard.

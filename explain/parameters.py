@@ -277,9 +277,10 @@ def _method(raw: Any, method: str, where: str) -> AttributionMethodConfig:
 def start_step_count(attribution: AttributionMethodConfig) -> int:
     """The grid points each path starts from: ``step_count``, except that XRAI with refinement on
     starts from at least :data:`XRAI_MIN_START` (see there: below it the map its regions are
-    ranked by is not converged, though completeness is). Fixed steps are the user's, exactly."""
+    ranked by is not converged, though completeness is), within its ``max_step_count``, which
+    stays what a path can cost. Fixed steps are the user's, exactly."""
     if attribution.method == XRAI_METHOD and attribution.target_error is not None:
-        return max(attribution.step_count, XRAI_MIN_START)
+        return max(attribution.step_count, min(XRAI_MIN_START, attribution.max_step_count))
     return attribution.step_count
 
 

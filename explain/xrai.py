@@ -64,6 +64,11 @@ def rank_regions(attr: np.ndarray, masks: list[np.ndarray], area_threshold: floa
     and only the leaders are re-scored with ``saliency``'s own expression, so the choice and every
     gain are bit-identical to its result (the running sums' rounding differs in the last bits)."""
     attr = np.asarray(attr, np.float64)
+    if not np.isfinite(attr).all():
+        raise ValueError(f"XRAI cannot rank regions of an attribution with {np.size(attr) - np.isfinite(attr).sum()} "
+                         f"non-finite values (NaN or inf): the model's gradients overflowed")
+    if min_pixel_diff < 1:
+        raise ValueError(f"min_pixel_diff must be >= 1, got {min_pixel_diff}")
     flat_attr = attr.ravel()
     masks = [np.asarray(m, bool) for m in masks]
     rows, columns = np.nonzero(np.stack([m.ravel() for m in masks])) if masks else (np.zeros(0, int),) * 2

@@ -245,7 +245,8 @@ def test_xrai_region_steps_are_counted_and_can_be_stopped(tiny_model, images):
 def test_xrai_paths_start_from_enough_points_for_its_regions_and_the_cost_model_agrees(saturating_model, images):
     """Refining XRAI starts each path from at least XRAI_MIN_START grid points (its regions are
     ranked by the per-pixel map, which completeness alone does not converge); fixed steps
-    (``target_error: null``) stay exactly the user's; the server's cost model counts the same."""
+    (``target_error: null``) stay exactly the user's, and so does ``max_step_count``, what a
+    path may cost; the server's cost model counts the same."""
     from explain.cost import request_cost
     from explain.parameters import XRAI_MIN_START
 
@@ -262,9 +263,11 @@ def test_xrai_paths_start_from_enough_points_for_its_regions_and_the_cost_model_
             return self._model.path_gradients(batch)
 
     for spec, first in (({"step_count": 4}, XRAI_MIN_START), ({"step_count": 40}, 40),
-                        ({"step_count": 4, "target_error": None}, 4)):
+                        ({"step_count": 4, "target_error": None}, 4), ({"step_count": 4, "max_step_count": 8}, 8)):
         counting = Counting(saturating_model)
         explain_images(counting, images[:1], {"xrai_attribution": spec})
         assert list(counting.first_call) == [first, first], spec  # the black and the white path
     tight = {"xrai_attribution": {"step_count": 4, "max_step_count": 8}}
-    assert request_cost(tight, 1, saturating_model.metadata, saturating_model.labels).path_evaluations == XRAI_MIN_START
+    assert request_cost(tight, 1, saturating_model.metadata, saturating_model.labels).path_evaluations == 8
+    assert request_cost({"xrai_attribution": {"step_count": 4}}, 1, saturating_model.metadata,
+                        saturating_model.labels).path_evaluations == 400

@@ -113,3 +113,5 @@ def test_xrai_region_ranking_is_exactly_saliencys():
             theirs = SaliencyXRAI._xrai(attr=attr, segs=masks, area_perc_th=area, min_pixel_diff=MIN_PIXEL_DIFF,
                                         integer_segments=True)
             assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1])
+    with pytest.raises(ValueError, match="non-finite"):
+        rank_regions(np.full(images[0].shape[:2], np.nan), masks)

@@ -36,7 +36,6 @@ def test_training_reaches_real_accuracy_and_writes_metrics(trained_run):
     assert metrics["cached_features"] is True
 
 
-
 def test_exported_trained_model_has_train_serve_parity(trained_model_dir, sample_data):
     """The same image bytes through the training input pipeline and through serving_default."""
     from trainer.data import list_files, parse_example
@@ -52,7 +51,6 @@ def test_exported_trained_model_has_train_serve_parity(trained_model_dir, sample
     served = tf.saved_model.load(trained_model_dir).signatures["serving_default"](
         bytes_inputs=tf.stack(raw))["probabilities"].numpy()
     np.testing.assert_allclose(served, train_path, atol=1e-5)
-
 
 
 @pytest.fixture(scope="module")
