@@ -14,16 +14,16 @@ from __future__ import annotations
 import trainer  # noqa: F401  (saliency imports TensorFlow)
 
 import numpy as np
-from saliency.core.xrai import _get_segments_felzenszwalb
+from saliency.core.xrai import XRAIParameters, _get_segments_felzenszwalb
 from scipy import sparse
 from skimage.morphology import dilation, disk
 
 
 #: ``saliency``'s default dilation radius of each segment (its ``_get_segments_felzenszwalb``).
 DILATION_RADIUS = 5
-#: ``saliency``'s ``XRAIParameters.experimental_params['min_pixel_diff']``: a segment adding fewer
-#: new pixels than this to the regions chosen so far is dropped.
-MIN_PIXEL_DIFF = 50
+#: A segment adding fewer new pixels than this to the regions chosen so far is dropped: read from
+#: ``saliency``'s own defaults, so the ranking keeps matching its ``_xrai``.
+MIN_PIXEL_DIFF: int = XRAIParameters().experimental_params["min_pixel_diff"]
 
 
 def segment(x_value: np.ndarray) -> list[np.ndarray]:
