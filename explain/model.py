@@ -8,13 +8,19 @@ sums are reduced per group, all in the graph, over fixed-size chunks of nodes (b
 no retracing: every shape in the input signature is dynamic). Traced functions are cached on
 the model object, and calling a traced concrete function is thread-safe, so one
 :class:`ExplainableModel` serves concurrent requests.
+
+A linear path's ends are evaluated once, not once per path: XRAI's black and white paths share
+their input, and a baseline (black, white, the metadata's) is the same image for every request,
+so its gradient per class is a constant of the model, kept in a small byte-bounded cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import posixpath
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,6 +41,9 @@ from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FI
 DEFAULT_BATCH_SIZE = 8
 #: Images per forward-only call (no gradients: activations are freed layer by layer).
 PREDICT_BATCH_SIZE = 64
+#: Bytes of baseline gradients kept across calls (least recently used first out): MobileNetV2 @ 192
+#: needs 442 KB per (baseline, class), so this holds black and white for 70 classes.
+END_CACHE_BYTES = 64 * 2 ** 20
 
 
 class ModelLoadError(ValueError):
@@ -50,8 +59,16 @@ class ExplainableModel:
     metadata: dict[str, Any]
     batch_size: int = DEFAULT_BATCH_SIZE
     _loaded: Any = field(default=None, repr=False)
+    #: evaluate a linear path's ends once per distinct point and class, and cache baselines' gradients
+    share_ends: bool = True
+    end_cache_bytes: int = END_CACHE_BYTES
+    #: gradient evaluations the model actually ran (path nodes minus shared and cached ends)
+    evaluations: int = 0
     _kernels: dict[str, Callable] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: (baseline digest, class) -> (gradient of F_class at the baseline [H, W, C], F_class there)
+    _end_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _end_cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def _xai_model(self):
@@ -94,24 +111,97 @@ class ExplainableModel:
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), np.float32)
 
     def path_gradients(self, batch: PathBatch) -> PathResult:
-        """The :class:`explain.integrated_gradients.PathModel` callback: chunked in-graph IG."""
+        """The :class:`explain.integrated_gradients.PathModel` callback: chunked in-graph IG.
+
+        On a linear path, the nodes at alpha 0 (the baseline) and 1 (the input) are evaluated once
+        per distinct point and class, and a baseline's gradient is kept for later calls
+        (:meth:`_shared_ends`); their contributions are added here from the gradient itself."""
         kernel = self._kernel(batch.path)
         n = len(batch.alphas)
         groups = np.zeros((batch.num_groups, *batch.inputs.shape[1:]), np.float32)
         derivatives = np.zeros(n, np.float32)
         outputs = np.zeros(n, np.float32)
-        for lo in range(0, n, self.batch_size):
-            hi = min(n, lo + self.batch_size)
-            rows, node_rows = np.unique(batch.node_rows[lo:hi], return_inverse=True)
-            group_ids, node_groups = np.unique(batch.node_groups[lo:hi], return_inverse=True)
-            sums, derivatives[lo:hi], outputs[lo:hi] = (t.numpy() for t in kernel(
+        ends, sharing, missing = self._shared_ends(batch) if batch.path == LINEAR and self.share_ends else ({}, {}, [])
+        # what runs: one node per missing end (weight 0, its raw gradient returned), then the rest
+        raw_nodes = np.array([node for _, node in missing], np.int64)
+        special = set(ends) | set(sharing) | set(raw_nodes.tolist())
+        regular = np.array([k for k in range(n) if k not in special], np.int64)
+        order = np.concatenate([raw_nodes, regular])
+        weights = batch.weights.copy()
+        weights[raw_nodes] = 0.0
+        raw_grads, raw_outputs = [], []
+        chunks = max(1, math.ceil(len(order) / self.batch_size)) if len(order) else 0
+        for part in np.array_split(order, chunks) if chunks else []:  # near-equal chunks: no batch of 1
+            raw_count = int(np.count_nonzero(np.isin(part, raw_nodes)))
+            rows, node_rows = np.unique(batch.node_rows[part], return_inverse=True)
+            group_ids, node_groups = np.unique(batch.node_groups[part], return_inverse=True)
+            sums, d, f, raw = (t.numpy() for t in kernel(
                 tf.constant(batch.inputs[rows]), tf.constant(batch.baselines[rows]),
                 tf.constant(batch.classes[rows], tf.int32), tf.constant(node_rows, tf.int32),
-                tf.constant(node_groups, tf.int32), tf.constant(batch.alphas[lo:hi], tf.float32),
-                tf.constant(batch.weights[lo:hi], tf.float32), tf.constant(len(group_ids), tf.int32),
-                tf.constant(batch.max_blur_sigma, tf.float32)))
+                tf.constant(node_groups, tf.int32), tf.constant(batch.alphas[part], tf.float32),
+                tf.constant(weights[part], tf.float32), tf.constant(len(group_ids), tf.int32),
+                tf.constant(batch.max_blur_sigma, tf.float32), tf.constant(raw_count, tf.int32)))
+            derivatives[part], outputs[part] = d, f
             groups[group_ids] += sums
+            raw_grads.extend(raw)
+            raw_outputs.extend(f[:raw_count])
+        with self._end_cache_lock:
+            self.evaluations += len(order)
+        for (key, node), grad, value in zip(missing, raw_grads, raw_outputs):
+            ends[node] = (grad, float(value))
+            if batch.alphas[node] == 0.0:
+                self._cache_end(key, grad, float(value))
+        ends.update({node: ends[source] for node, source in sharing.items()})
+        for node, (grad, value) in ends.items():
+            row = batch.node_rows[node]
+            contribution = grad * (batch.inputs[row] - batch.baselines[row])
+            derivatives[node] = contribution.sum(dtype=np.float64)
+            outputs[node] = value
+            groups[batch.node_groups[node]] += batch.weights[node] * contribution
         return PathResult(groups, derivatives, outputs)
+
+    def _shared_ends(self, batch: PathBatch) -> tuple[dict[int, tuple[np.ndarray, float]], dict[int, int],
+                                                      list[tuple[bytes, int]]]:
+        """The nodes at a linear path's ends, by distinct (point, class): ``ends`` maps a node to
+        its cached ``(gradient, F)``, ``sharing`` a node to the earlier node with the same point
+        and class, and ``missing`` lists ``(key, node)`` for each distinct end to evaluate now."""
+        at_end = np.flatnonzero((batch.alphas == 0.0) | (batch.alphas == 1.0))
+        ends: dict[int, tuple[np.ndarray, float]] = {}
+        sharing: dict[int, int] = {}
+        missing: list[tuple[bytes, int]] = []
+        first: dict[bytes, int] = {}
+        digests: dict[tuple[int, bool], bytes] = {}
+        for node in at_end:
+            row, is_input = int(batch.node_rows[node]), bool(batch.alphas[node] == 1.0)
+            if (row, is_input) not in digests:
+                point = (batch.inputs if is_input else batch.baselines)[row]
+                digests[row, is_input] = hashlib.blake2b(np.ascontiguousarray(point).tobytes(),
+                                                         digest_size=16).digest()
+            key = digests[row, is_input] + int(batch.classes[row]).to_bytes(4, "little") + bytes([is_input])
+            if key in first:
+                sharing[int(node)] = first[key]
+                continue
+            cached = None if is_input else self._cached_end(key)
+            if cached is not None:
+                ends[int(node)] = cached
+            else:
+                missing.append((key, int(node)))
+            first[key] = int(node)
+        return ends, sharing, missing
+
+    def _cached_end(self, key: bytes) -> tuple[np.ndarray, float] | None:
+        with self._end_cache_lock:
+            if key in self._end_cache:
+                self._end_cache.move_to_end(key)
+                return self._end_cache[key]
+        return None
+
+    def _cache_end(self, key: bytes, grad: np.ndarray, value: float) -> None:
+        """Keep a baseline's gradient, dropping the least recently used past ``end_cache_bytes``."""
+        with self._end_cache_lock:
+            self._end_cache[key] = (grad, value)
+            while self._end_cache and sum(g.nbytes for g, _ in self._end_cache.values()) > self.end_cache_bytes:
+                self._end_cache.popitem(last=False)
 
     def _kernel(self, path: str) -> Callable:
         """The traced path-gradient function for ``path``, traced once per model."""
@@ -123,7 +213,8 @@ class ExplainableModel:
 
 def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, int], path: str):
     """A concrete function computing, for a chunk of path nodes, the per-group sums of
-    ``weight * grad F(point) * dpoint/dalpha``, ``dF/dalpha`` and ``F`` at each node."""
+    ``weight * grad F(point) * dpoint/dalpha``, ``dF/dalpha`` and ``F`` at each node, and
+    ``grad F(point)`` itself for the chunk's first ``raw_count`` nodes (ends to be shared)."""
     height, width, channels = image_shape
     image = tf.TensorSpec([None, height, width, channels], tf.float32)
     vector = lambda dtype: tf.TensorSpec([None], dtype)  # noqa: E731
@@ -132,7 +223,9 @@ def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, 
 
     def linear_points(inputs, baselines, node_rows, alphas, max_sigma):
         x, b = tf.gather(inputs, node_rows), tf.gather(baselines, node_rows)
-        return b + alphas[:, None, None, None] * (x - b), x - b
+        alpha = alphas[:, None, None, None]
+        # the path's ends are exactly the baseline and the input (b + (x - b) may round off x)
+        return tf.where(alpha == 1.0, x, b + alpha * (x - b)), x - b
 
     def scale_space_points(inputs, baselines, node_rows, alphas, max_sigma):
         x = tf.transpose(inputs, [0, 3, 1, 2])  # [R, C, H, W]
@@ -153,18 +246,21 @@ def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, 
     make_points = {LINEAR: linear_points, SCALE_SPACE: scale_space_points}[path]
 
     @tf.function(input_signature=[image, image, vector(tf.int32), vector(tf.int32), vector(tf.int32),
-                                  vector(tf.float32), vector(tf.float32), scalar(tf.int32), scalar(tf.float32)])
-    def kernel(inputs, baselines, classes, node_rows, node_groups, alphas, weights, num_groups, max_sigma):
+                                  vector(tf.float32), vector(tf.float32), scalar(tf.int32), scalar(tf.float32),
+                                  scalar(tf.int32)])
+    def kernel(inputs, baselines, classes, node_rows, node_groups, alphas, weights, num_groups, max_sigma,
+               raw_count):
         points, velocity = make_points(inputs, baselines, node_rows, alphas, max_sigma)
         with tf.GradientTape() as tape:
             tape.watch(points)
             probs = xai_model(**{CONCRETE_INPUT: points})[output_key]
             # Rows are independent, so the gradient of the sum is each row's own gradient.
             target = tf.gather(probs, tf.gather(classes, node_rows), batch_dims=1)
-        grads = tape.gradient(target, points) * velocity
+        raw = tape.gradient(target, points)
+        grads = raw * velocity
         derivatives = tf.reduce_sum(grads, axis=[1, 2, 3])
         sums = tf.math.unsorted_segment_sum(weights[:, None, None, None] * grads, node_groups, num_groups)
-        return sums, derivatives, target
+        return sums, derivatives, target, raw[:raw_count]
 
     return kernel.get_concrete_function()
 

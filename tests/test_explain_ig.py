@@ -271,3 +271,47 @@ def test_xrai_paths_start_from_enough_points_for_its_regions_and_the_cost_model_
     assert request_cost(tight, 1, saturating_model.metadata, saturating_model.labels).path_evaluations == 8
     assert request_cost({"xrai_attribution": {"step_count": 4}}, 1, saturating_model.metadata,
                         saturating_model.labels).path_evaluations == 400
+
+
+def test_path_ends_are_evaluated_once_and_baseline_gradients_are_kept(exported_model_dir, images):
+    """XRAI's two paths share their input, and a baseline's gradient is a constant of the model:
+    neither is evaluated twice, and the attributions are those of evaluating every node."""
+    shared, unshared = load_explainable_model(exported_model_dir), load_explainable_model(exported_model_dir)
+    unshared.share_ends = False
+    request = {"xrai_attribution": {"step_count": 9, "target_error": None}, "output_indices": [2]}
+    for i, spent in ((0, 2 * 9 - 1), (1, 2 * 9 - 3)):  # the input once; black and white cached after the first
+        before = shared.evaluations
+        got = explain_images(shared, images[i:i + 1], request, return_raw=True)
+        assert shared.evaluations - before == spent
+        before = unshared.evaluations
+        want = explain_images(unshared, images[i:i + 1], request, return_raw=True)
+        assert unshared.evaluations - before == 2 * 9
+        (g,), (w,) = got[0]["attributions"], want[0]["attributions"]
+        np.testing.assert_allclose(g["featureAttributions"]["image"]["raw"], w["featureAttributions"]["image"]["raw"],
+                                   rtol=1e-5, atol=1e-9)
+        assert g["approximationError"] == pytest.approx(w["approximationError"], rel=1e-4, abs=1e-7)
+
+    # IG on a batch: every path's black baseline is one evaluation per class, each input its own
+    x, b, classes = _paths(shared, images)
+    classes[:] = 4
+    before = shared.evaluations
+    a = IntegratedGradients().GetMask(x, b, classes, shared, step_count=6, quadrature="riemann_trapezoid")
+    assert shared.evaluations - before == 2 * 6 - 1
+    c = IntegratedGradients().GetMask(x, b, classes, unshared, step_count=6, quadrature="riemann_trapezoid")
+    np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(a.absolute_errors, c.absolute_errors, rtol=1e-4, atol=1e-8)
+
+
+def test_the_baseline_gradient_cache_is_bounded(exported_model_dir, images):
+    model = load_explainable_model(exported_model_dir)
+    one = 192 * 192 * 3 * 4
+    model.end_cache_bytes = 2 * one
+    x, b, _ = _paths(model, images[:1])
+    for c in range(4):  # four classes' black-baseline gradients: only the last two are kept
+        IntegratedGradients().GetMask(x, b, np.array([c]), model, step_count=3, quadrature="riemann_trapezoid")
+    assert len(model._end_cache) == 2
+    before = model.evaluations
+    IntegratedGradients().GetMask(x, b, np.array([3]), model, step_count=3, quadrature="riemann_trapezoid")
+    assert model.evaluations - before == 2  # class 3's baseline was kept
+    IntegratedGradients().GetMask(x, b, np.array([0]), model, step_count=3, quadrature="riemann_trapezoid")
+    assert model.evaluations - before == 2 + 3  # class 0's was dropped
