@@ -4,14 +4,15 @@ The model is reached only through its ``xai_preprocess`` and ``xai_model`` signa
 what Vertex's explanation service uses, so a local explanation explains the artefact that is
 deployed. Path gradients are computed in one traced ``tf.function`` per path kind: the path
 points are built, the model is run forward and backward on them, and the weighted gradient
-sums are reduced per group, all in the graph, over fixed-size chunks of nodes (bounded memory,
+sums are reduced per group, all in the graph, over near-equal chunks of at most a batch of nodes (bounded memory,
 no retracing: every shape in the input signature is dynamic). Traced functions are cached on
 the model object, and calling a traced concrete function is thread-safe, so one
 :class:`ExplainableModel` serves concurrent requests.
 
 A linear path's ends are evaluated once, not once per path: XRAI's black and white paths share
-their input, and a baseline (black, white, the metadata's) is the same image for every request,
-so its gradient per class is a constant of the model, kept in a small byte-bounded cache.
+their input, and a baseline that recurs (black, white, the metadata's) is the same image for
+every request, so its gradient per class is a constant of the model, kept in a small
+byte-bounded cache. Baselines that never recur (random, blurred) are not kept.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ PREDICT_BATCH_SIZE = 64
 #: Bytes of baseline gradients kept across calls (least recently used first out): MobileNetV2 @ 192
 #: needs 442 KB per (baseline, class), so this holds black and white for 70 classes.
 END_CACHE_BYTES = 64 * 2 ** 20
+#: Digests of non-constant baselines seen once (a baseline is kept from its second use on).
+SEEN_BASELINES = 1024
 
 
 class ModelLoadError(ValueError):
@@ -63,12 +66,14 @@ class ExplainableModel:
     share_ends: bool = True
     end_cache_bytes: int = END_CACHE_BYTES
     #: gradient evaluations the model actually ran (path nodes minus shared and cached ends)
-    evaluations: int = 0
+    evaluations: int = field(default=0, init=False)
     _kernels: dict[str, Callable] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    #: (baseline digest, class) -> (gradient of F_class at the baseline [H, W, C], F_class there)
-    _end_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _end_cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: (point digest, class) -> (gradient of F_class at the baseline [H, W, C], F_class there)
+    _end_cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
+    _end_cache_size: int = field(default=0, init=False, repr=False)
+    _seen_baselines: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
+    _end_cache_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def _xai_model(self):
@@ -132,7 +137,7 @@ class ExplainableModel:
         raw_grads, raw_outputs = [], []
         chunks = max(1, math.ceil(len(order) / self.batch_size)) if len(order) else 0
         for part in np.array_split(order, chunks) if chunks else []:  # near-equal chunks: no batch of 1
-            raw_count = int(np.count_nonzero(np.isin(part, raw_nodes)))
+            raw_count = int(np.count_nonzero(np.isin(part, raw_nodes)))  # they lead the order
             rows, node_rows = np.unique(batch.node_rows[part], return_inverse=True)
             group_ids, node_groups = np.unique(batch.node_groups[part], return_inverse=True)
             sums, d, f, raw = (t.numpy() for t in kernel(
@@ -150,7 +155,7 @@ class ExplainableModel:
         for (key, node), grad, value in zip(missing, raw_grads, raw_outputs):
             ends[node] = (grad, float(value))
             if batch.alphas[node] == 0.0:
-                self._cache_end(key, grad, float(value))
+                self._cache_end(key, batch.baselines[batch.node_rows[node]], grad, float(value))
         ends.update({node: ends[source] for node, source in sharing.items()})
         for node, (grad, value) in ends.items():
             row = batch.node_rows[node]
@@ -177,11 +182,11 @@ class ExplainableModel:
                 point = (batch.inputs if is_input else batch.baselines)[row]
                 digests[row, is_input] = hashlib.blake2b(np.ascontiguousarray(point).tobytes(),
                                                          digest_size=16).digest()
-            key = digests[row, is_input] + int(batch.classes[row]).to_bytes(4, "little") + bytes([is_input])
+            key = digests[row, is_input] + int(batch.classes[row]).to_bytes(4, "little")
             if key in first:
                 sharing[int(node)] = first[key]
                 continue
-            cached = None if is_input else self._cached_end(key)
+            cached = self._cached_end(key)  # a gradient is the point's, whichever end it is
             if cached is not None:
                 ends[int(node)] = cached
             else:
@@ -196,12 +201,27 @@ class ExplainableModel:
                 return self._end_cache[key]
         return None
 
-    def _cache_end(self, key: bytes, grad: np.ndarray, value: float) -> None:
-        """Keep a baseline's gradient, dropping the least recently used past ``end_cache_bytes``."""
+    def _cache_end(self, key: bytes, baseline: np.ndarray, grad: np.ndarray, value: float) -> None:
+        """Keep a baseline's gradient if the baseline recurs: a constant image (black, white) at
+        once, any other from its second use on (random and blurred baselines never recur, and
+        must not push out the ones that do); the least recently used go past ``end_cache_bytes``."""
+        constant = float(baseline.min()) == float(baseline.max())
         with self._end_cache_lock:
+            if not constant and key not in self._seen_baselines:
+                self._seen_baselines[key] = None
+                while len(self._seen_baselines) > SEEN_BASELINES:
+                    self._seen_baselines.popitem(last=False)
+                return
+            if key in self._end_cache:
+                self._end_cache.move_to_end(key)
+                return
+            grad = grad.copy()  # not a view: it would keep its whole chunk's gradients alive
+            grad.flags.writeable = False
             self._end_cache[key] = (grad, value)
-            while self._end_cache and sum(g.nbytes for g, _ in self._end_cache.values()) > self.end_cache_bytes:
-                self._end_cache.popitem(last=False)
+            self._end_cache_size += grad.nbytes
+            while self._end_cache and self._end_cache_size > self.end_cache_bytes:
+                old, _ = self._end_cache.popitem(last=False)[1]
+                self._end_cache_size -= old.nbytes
 
     def _kernel(self, path: str) -> Callable:
         """The traced path-gradient function for ``path``, traced once per model."""

@@ -55,6 +55,8 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         "(env AIP_REQUEST_DEADLINE_S)")
     p.add_argument("--body_timeout_s", type=float, default=defaults.body_timeout_s,
                    help="time a client has to send its request body (408 after)")
+    p.add_argument("--head_timeout_s", type=float, default=defaults.head_timeout_s,
+                   help="time a connection has to send a request's line and headers (408 and closed after)")
     p.add_argument("--graceful_shutdown_s", type=float, default=DEFAULT_GRACEFUL_SHUTDOWN_S,
                    help="after SIGTERM, time in-flight requests have to finish before they are cancelled")
     p.add_argument("--allowed_hosts", default=None,
@@ -107,7 +109,10 @@ def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     from serving.registry import Registry
 
     limits = Limits(args.max_body_bytes, args.max_instances, args.max_image_pixels,
-                    request_deadline_s=args.request_deadline_s, body_timeout_s=args.body_timeout_s)
+                    request_deadline_s=args.request_deadline_s, body_timeout_s=args.body_timeout_s,
+                    head_timeout_s=args.head_timeout_s)
+    if not limits.head_timeout_s > 0:
+        raise SystemExit(f"--head_timeout_s must be > 0, got {limits.head_timeout_s:g}")
     parameters = load_parameters(args.explanation_parameters)
     if parameters is not None:  # fail at start, not at the first request
         from explain import ExplanationParametersError, parse_explanation_parameters
@@ -150,6 +155,8 @@ def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
+    from serving.connections import head_timeout_protocol
+
     config, host, port, log_level = build_config(argv)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from serving.app import create_app
@@ -157,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # After SIGTERM uvicorn stops accepting, lets in-flight requests finish for the grace period,
     # then cancels them (their explanations stop within one chunk) and exits.
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=config.graceful_shutdown_s)
+                timeout_graceful_shutdown=config.graceful_shutdown_s,
+                http=head_timeout_protocol(config.limits.head_timeout_s))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ class Limits:
     request_deadline_s: float = 60.0
     #: Time a client has to send its body; a stalled upload is answered 408 and closed.
     body_timeout_s: float = 30.0
+    #: Time a connection has to send a request head (line and headers); 408 and closed after
+    #: (:mod:`serving.connections`: a silent or byte-a-second client must not hold a socket).
+    head_timeout_s: float = 10.0
 
 
 #: Google's canonical status for each HTTP code this server answers with.

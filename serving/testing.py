@@ -17,22 +17,26 @@ import httpx
 import uvicorn
 
 from serving.app import ServerConfig, create_app
+from serving.connections import head_timeout_protocol
+from serving.instances import Limits
 
 
 def running_server(config: ServerConfig, host: str = "127.0.0.1", timeout_s: float = 60.0
                    ) -> contextlib.AbstractContextManager[str]:
     """``http://host:port`` of a live server for ``config``; shut down when the block ends."""
-    return serving_app(create_app(config), host, timeout_s)
+    return serving_app(create_app(config), host, timeout_s, head_timeout_s=config.limits.head_timeout_s)
 
 
 @contextlib.contextmanager
-def serving_app(app: Any, host: str = "127.0.0.1", timeout_s: float = 60.0) -> Iterator[str]:
-    """``http://host:port`` of a live server for an ASGI ``app``; shut down when the block ends."""
+def serving_app(app: Any, host: str = "127.0.0.1", timeout_s: float = 60.0,
+                head_timeout_s: float = Limits.head_timeout_s) -> Iterator[str]:
+    """``http://host:port`` of a live server for an ASGI ``app``, with the production server's
+    HTTP protocol (:mod:`serving.connections`); shut down when the block ends."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=head_timeout_protocol(head_timeout_s)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"serving:{port}", daemon=True)
     thread.start()
     url = f"http://{host}:{port}"

@@ -273,7 +273,7 @@ def test_xrai_paths_start_from_enough_points_for_its_regions_and_the_cost_model_
                         saturating_model.labels).path_evaluations == 400
 
 
-def test_path_ends_are_evaluated_once_and_baseline_gradients_are_kept(exported_model_dir, images):
+def test_path_ends_are_evaluated_once_and_baseline_gradients_are_kept(exported_model_dir, saturating_model, images):
     """XRAI's two paths share their input, and a baseline's gradient is a constant of the model:
     neither is evaluated twice, and the attributions are those of evaluating every node."""
     shared, unshared = load_explainable_model(exported_model_dir), load_explainable_model(exported_model_dir)
@@ -301,10 +301,27 @@ def test_path_ends_are_evaluated_once_and_baseline_gradients_are_kept(exported_m
     np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(a.absolute_errors, c.absolute_errors, rtol=1e-4, atol=1e-8)
 
+    # the default, adaptive request on a curved model: the same refinement and attributions
+    shared = load_explainable_model(saturating_model.model_dir)
+    x, b, classes = _paths(shared, images)
+    kw = dict(step_count=5, target_error=0.01, max_step_count=200)
+    a = IntegratedGradients().GetMask(x, b, classes, shared, **kw)
+    a = IntegratedGradients().GetMask(x, b, classes, shared, **kw)  # now from the cached baseline
+    saturating_model.share_ends = False
+    try:
+        c = IntegratedGradients().GetMask(x, b, classes, saturating_model, **kw)
+    finally:
+        saturating_model.share_ends = True
+    np.testing.assert_array_equal(a.step_counts, c.step_counts)
+    np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(a.absolute_errors, c.absolute_errors, rtol=1e-3, atol=1e-8)
+
 
 def test_the_baseline_gradient_cache_is_bounded(exported_model_dir, images):
+    """Least recently used out past its bytes; a baseline that may never recur (random, blurred)
+    is kept only from its second use on, so it cannot push out black and white."""
     model = load_explainable_model(exported_model_dir)
-    one = 192 * 192 * 3 * 4
+    one = int(np.prod(model.image_shape)) * 4
     model.end_cache_bytes = 2 * one
     x, b, _ = _paths(model, images[:1])
     for c in range(4):  # four classes' black-baseline gradients: only the last two are kept
@@ -315,3 +332,10 @@ def test_the_baseline_gradient_cache_is_bounded(exported_model_dir, images):
     assert model.evaluations - before == 2  # class 3's baseline was kept
     IntegratedGradients().GetMask(x, b, np.array([0]), model, step_count=3, quadrature="riemann_trapezoid")
     assert model.evaluations - before == 2 + 3  # class 0's was dropped
+    assert all(g.base is None for g, _ in model._end_cache.values())  # copies, not views of a chunk
+
+    noise = np.random.default_rng(0).uniform(0, 1, x.shape).astype(np.float32)
+    for spent in (3, 3, 2):  # seen once: not kept; seen again: kept
+        before = model.evaluations
+        IntegratedGradients().GetMask(x, noise, np.array([3]), model, step_count=3, quadrature="riemann_trapezoid")
+        assert model.evaluations - before == spent

@@ -384,6 +384,40 @@ def test_a_stalled_body_times_out(exported_model_dir, tmp_path):
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
 
 
+def test_a_stalled_or_silent_request_head_is_closed(tmp_path):
+    """Slowloris: a connection that says nothing, or sends its head a byte at a time, is answered
+    408 and closed after head_timeout_s, while requests that arrive whole are served."""
+    import socket
+    import time
+
+    limits = Limits(head_timeout_s=0.5)
+    config = ServerConfig(backend=RegistryBackend(Registry(tmp_path / "r")), cache_dir=str(tmp_path / "c"),
+                          limits=limits)
+    with serving_app(create_app(config), head_timeout_s=limits.head_timeout_s) as url:
+        host, port = url.removeprefix("http://").split(":")
+
+        def answer(send: list[bytes], pause_s: float) -> tuple[bytes, float]:
+            started = time.monotonic()
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                for piece in send:
+                    sock.sendall(piece)
+                    time.sleep(pause_s)
+                received = b""
+                while chunk := sock.recv(65536):  # until the server closes
+                    received += chunk
+            return received, time.monotonic() - started
+
+        silent, seconds = answer([], 0)
+        assert silent.startswith(b"HTTP/1.1 408") and b"DEADLINE_EXCEEDED" in silent and seconds < 10
+        head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40
+        dribbled, seconds = answer([head[i:i + 1] for i in range(len(head))], 0.05)  # 4 s if let through
+        assert dribbled.startswith(b"HTTP/1.1 408") and seconds < 3
+        # a whole request, then silence: answered, then closed (keep-alive, then the head deadline)
+        whole, _ = answer([b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"], 0)
+        assert whole.startswith(b"HTTP/1.1 200")
+        assert httpx.get(url + "/health").status_code == 200
+
+
 def test_large_images_are_decoded_downscaled(served):
     from serving.instances import decode_instances
 
