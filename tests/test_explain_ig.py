@@ -107,6 +107,37 @@ def test_a_jump_the_gradient_cannot_see_stops_at_the_resolution_and_says_more_st
     assert "max_step_count" not in warning
 
 
+class _PowerModel:
+    """On path r, F(alpha) = alpha ** powers[r] (a one-pixel input), so dF/dalpha is known exactly."""
+
+    def __init__(self, powers):
+        self.powers = np.asarray(powers, float)
+
+    def path_gradients(self, batch):
+        p = self.powers[batch.node_rows]
+        slopes = p * batch.alphas.astype(float) ** (p - 1)
+        groups = np.bincount(batch.node_groups, batch.weights * slopes, minlength=batch.num_groups)
+        return PathResult(groups.reshape(-1, 1, 1, 1).astype(np.float32), slopes.astype(np.float32),
+                          (batch.alphas.astype(float) ** p).astype(np.float32))
+
+
+def test_a_group_of_paths_stops_when_its_summed_error_meets_the_target():
+    """XRAI's two paths are one attribution: once their summed error is within the summed
+    allowance, neither is refined further, though one is over its own share."""
+    x, b = np.ones((2, 1, 1, 1), np.float32), np.zeros((2, 1, 1, 1), np.float32)
+    model = _PowerModel([1, 3])  # trapezoid error on 4 points: 0 on the first path, 1/18 on the second
+    ends = (np.ones(2), np.zeros(2))
+    kw = dict(step_count=4, target_error=0.05, end_outputs=ends)
+    alone = IntegratedGradients().GetMask(x, b, np.zeros(2, int), model, **kw)
+    assert alone.step_counts[0] == 4 and alone.step_counts[1] > 4  # 1/18 is over a path's 0.05
+    together = IntegratedGradients().GetMask(x, b, np.zeros(2, int), model, path_groups=np.array([0, 0]), **kw)
+    assert list(together.step_counts) == [4, 4] and list(together.stop_reasons) == [CONVERGED, CONVERGED]
+    assert together.absolute_errors.sum() == pytest.approx(1 / 18) and 1 / 18 <= 0.05 * 2
+    steep = IntegratedGradients().GetMask(x, b, np.zeros(2, int), _PowerModel([1, 6]), path_groups=np.array([0, 0]),
+                                          **kw)
+    assert steep.step_counts[1] > 4 and steep.absolute_errors.sum() <= 0.05 * 2  # over the group's: refined
+
+
 def test_adaptive_mode_meets_its_target(saturating_model, images):
     x, b, classes = _paths(saturating_model, images)
     fixed = IntegratedGradients().GetMask(x, b, classes, saturating_model, step_count=8)

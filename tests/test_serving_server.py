@@ -398,20 +398,23 @@ def test_a_stalled_or_silent_request_head_is_closed(tmp_path):
 
         def answer(send: list[bytes], pause_s: float) -> tuple[bytes, float]:
             started = time.monotonic()
+            received = b""
             with socket.create_connection((host, int(port)), timeout=30) as sock:
-                for piece in send:
-                    sock.sendall(piece)
-                    time.sleep(pause_s)
-                received = b""
-                while chunk := sock.recv(65536):  # until the server closes
-                    received += chunk
+                try:
+                    for piece in send:
+                        sock.sendall(piece)
+                        time.sleep(pause_s)
+                    while chunk := sock.recv(65536):  # until the server closes
+                        received += chunk
+                except (BrokenPipeError, ConnectionResetError):  # closed while we were still sending
+                    pass
             return received, time.monotonic() - started
 
         silent, seconds = answer([], 0)
         assert silent.startswith(b"HTTP/1.1 408") and b"DEADLINE_EXCEEDED" in silent and seconds < 10
         head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40
         dribbled, seconds = answer([head[i:i + 1] for i in range(len(head))], 0.05)  # 4 s if let through
-        assert dribbled.startswith(b"HTTP/1.1 408") and seconds < 3
+        assert seconds < 3 and (dribbled == b"" or dribbled.startswith(b"HTTP/1.1 408"))  # closed, not served
         # a whole request, then silence: answered, then closed (keep-alive, then the head deadline)
         whole, _ = answer([b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"], 0)
         assert whole.startswith(b"HTTP/1.1 200")
