@@ -256,10 +256,10 @@ class IntegratedGradients:
         errors_now = np.zeros(len(rows))
         while active:
             points, still = [], []
-            panels = {r: (np.diff(alphas[r]), None) for r in active}
+            panels = {}
             for r in active:
-                widths = panels[r][0]
-                panels[r] = (widths, residuals(r, widths))
+                widths = np.diff(alphas[r])
+                panels[r] = widths, residuals(r, widths)
                 errors_now[r] = abs(panels[r][1].sum())
             group_errors = np.bincount(groups, errors_now, minlength=len(group_tolerances))
             for r in active:

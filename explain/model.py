@@ -4,8 +4,8 @@ The model is reached only through its ``xai_preprocess`` and ``xai_model`` signa
 what Vertex's explanation service uses, so a local explanation explains the artefact that is
 deployed. Path gradients are computed in one traced ``tf.function`` per path kind: the path
 points are built, the model is run forward and backward on them, and the weighted gradient
-sums are reduced per group, all in the graph, over near-equal chunks of at most a batch of nodes (bounded memory,
-no retracing: every shape in the input signature is dynamic). Traced functions are cached on
+sums are reduced per group, all in the graph, over near-equal chunks of at most a batch of nodes
+(bounded memory, no retracing: every shape in the input signature is dynamic). Traced functions are cached on
 the model object, and calling a traced concrete function is thread-safe, so one
 :class:`ExplainableModel` serves concurrent requests.
 

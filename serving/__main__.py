@@ -26,6 +26,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     defaults, batching = Limits(), BatchingParameters()
     p = argparse.ArgumentParser(
@@ -55,7 +62,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         "(env AIP_REQUEST_DEADLINE_S)")
     p.add_argument("--body_timeout_s", type=float, default=defaults.body_timeout_s,
                    help="time a client has to send its request body (408 after)")
-    p.add_argument("--head_timeout_s", type=float, default=defaults.head_timeout_s,
+    p.add_argument("--head_timeout_s", type=_positive_float, default=defaults.head_timeout_s,
                    help="time a connection has to send a request's line and headers (408 and closed after)")
     p.add_argument("--graceful_shutdown_s", type=float, default=DEFAULT_GRACEFUL_SHUTDOWN_S,
                    help="after SIGTERM, time in-flight requests have to finish before they are cancelled")
@@ -111,8 +118,6 @@ def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     limits = Limits(args.max_body_bytes, args.max_instances, args.max_image_pixels,
                     request_deadline_s=args.request_deadline_s, body_timeout_s=args.body_timeout_s,
                     head_timeout_s=args.head_timeout_s)
-    if not limits.head_timeout_s > 0:
-        raise SystemExit(f"--head_timeout_s must be > 0, got {limits.head_timeout_s:g}")
     parameters = load_parameters(args.explanation_parameters)
     if parameters is not None:  # fail at start, not at the first request
         from explain import ExplanationParametersError, parse_explanation_parameters

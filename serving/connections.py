@@ -19,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
 
+
 def _timeout_response() -> bytes:
     """Vertex's error shape, as the application answers a stalled body."""
     body = json.dumps({"error": {"code": 408, "message": "the request head (request line and headers) was not "
