@@ -44,6 +44,14 @@ class Profile:
     ig_max_steps: int = 400
     #: batch sizes of the floor's curve (each size costs a trace of the gradient)
     floor_batches: tuple[int, ...] = FLOOR_BATCH_SIZES
+    # 1b. IG maps against the converged integral
+    map_images: int = 8
+    #: the converged map: refined from this many points to this error, within this many evaluations
+    map_reference_start: int = 33
+    map_reference_target: float = 0.002
+    map_reference_steps: int = 1500
+    #: the fixed rule's step counts: what section 1 found the references need for 5% and 1%
+    map_fixed_steps: tuple[int, int] = (100, 600)
     # 2. XRAI
     xrai_images: int = 2
     #: our request's ``xrai_attribution.step_count`` (the config's; refinement does the rest)
@@ -101,7 +109,9 @@ FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_im
                quality_images=12, pic_images=4, sanity_images=4)
 
 QUICK = Profile(name="quick", num_train=40, num_eval=12, train_epochs=2, ig_images=3, ig_ladder=(4, 8, 16),
-                ig_start_steps=4, ig_max_steps=16, floor_batches=(1, 4), xrai_images=1, xrai_steps=4, xrai_reference_steps=4,
+                ig_start_steps=4, ig_max_steps=16, floor_batches=(1, 4), map_images=1, map_reference_start=5,
+                map_reference_target=0.01, map_reference_steps=32, map_fixed_steps=(4, 16), xrai_images=1,
+                xrai_steps=4, xrai_reference_steps=4,
                 xrai_accurate_ladder=(4, 8), training_epochs=1, explain_requests=2, predict_requests=8,
                 predict_concurrency=2, predict_batch=2, scale_steps=(4, 8), scale_batches=(1, 2),
                 scale_sizes=(64, 96), scale_base_steps=4, batch_images=2, batch_steps=4, batch_predict_images=4,
@@ -119,6 +129,8 @@ ASSET_FIELDS = ("name", "num_train", "num_eval", "train_epochs", "seed")
 COMPARISON_FIELDS = {
     "ig_speed": ("ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats",
                  "floor_batches"),
+    "ig_maps": ("map_images", "map_reference_start", "map_reference_target", "map_reference_steps",
+                "map_fixed_steps", "ig_targets", "ig_start_steps", "ig_max_steps"),
     "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder", "ig_max_steps"),
     "training": ("num_train", "training_shards", "num_eval", "training_epochs", "training_repeats"),
     "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch", "ig_start_steps",

@@ -19,6 +19,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 #: comparison name -> module with ``run(profile, assets, figures_dir) -> dict``
 COMPARISONS = {
     "ig_speed": "bench.ig_speed",
+    "ig_maps": "bench.ig_maps",
     "xrai_speed": "bench.xrai_speed",
     "training": "bench.training",
     "serving": "bench.serving_latency",

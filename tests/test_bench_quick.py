@@ -100,10 +100,10 @@ def test_step_choice_takes_the_first_ladder_step_meeting_the_median_or_every_ima
     assert _step_choice(errors, 0.01, "median") == (64, False)
 
 
-#: One comparison runs in the smoke test (the runner, a worker process, the shared cached backbone,
+#: Two comparisons run in the smoke test (the runner, a worker process, the shared cached backbone,
 #: cached inputs and the report are all exercised; training is tested in test_train.py);
 #: BENCH_SMOKE_ALL=1 runs every comparison.
-SMOKE = list(COMPARISONS) if os.environ.get("BENCH_SMOKE_ALL") == "1" else ["ig_speed"]
+SMOKE = list(COMPARISONS) if os.environ.get("BENCH_SMOKE_ALL") == "1" else ["ig_speed", "ig_maps"]
 
 
 def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
@@ -134,3 +134,7 @@ def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
         assert result["title"] in text
     ig = results["comparisons"]["ig_speed"]["raw"]["timings"]
     assert all(errors for t in ig.values() for errors in t["errors"].values())
+    if "ig_maps" in results["comparisons"]:
+        scores = results["comparisons"]["ig_maps"]["raw"]["scores"]
+        assert len(scores) == 5 and all(len(s["l1"]) == 1 for s in scores.values())
+        assert all(0.0 <= s["iou"][0] <= 1.0 and s["l1"][0] >= 0.0 for s in scores.values())

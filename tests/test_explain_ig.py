@@ -107,6 +107,41 @@ def test_a_jump_the_gradient_cannot_see_stops_at_the_resolution_and_says_more_st
     assert "max_step_count" not in warning
 
 
+class _SteepStepModel:
+    """F(alpha) = alpha / 2 plus a smooth step of height 1/2 over [0.3, 0.3 + 1/4096]: steep, but a
+    gradient sees it, so refinement resolves it (a ReLU6 network's paths have such stretches)."""
+
+    start, width = 0.3, 1.0 / 4096
+
+    def _t(self, alphas):
+        return np.clip((np.asarray(alphas, np.float64) - self.start) / self.width, 0.0, 1.0)
+
+    def predict(self, images):
+        t = self._t(images.reshape(len(images), -1).mean(axis=1))
+        up = 0.5 * images.reshape(len(images), -1).mean(axis=1) + 0.5 * (3 * t ** 2 - 2 * t ** 3)
+        return np.stack([up, 1 - up], axis=1).astype(np.float32)
+
+    def path_gradients(self, batch):
+        t = self._t(batch.alphas)
+        outputs = 0.5 * batch.alphas + 0.5 * (3 * t ** 2 - 2 * t ** 3)
+        slopes = 0.5 + 0.5 * 6 * t * (1 - t) / self.width
+        attributions = np.bincount(batch.node_groups, batch.weights * slopes, minlength=batch.num_groups)
+        return PathResult(attributions.reshape(-1, 1, 1, 1).astype(np.float32), slopes.astype(np.float32),
+                          outputs.astype(np.float32))
+
+
+def test_a_steep_stretch_a_gradient_sees_is_resolved_not_called_a_jump():
+    """As narrow as the old narrowest panel (1/4096, where this stopped as RESOLUTION at error 0.5),
+    yet resolvable: refinement goes down into it and meets the target."""
+    assert _SteepStepModel.width > 2 * MIN_PANEL_WIDTH
+    x, b = np.ones((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.float32)
+    out = IntegratedGradients().GetMask(x, b, np.array([0]), _SteepStepModel(), step_count=5, target_error=0.01)
+    assert list(out.stop_reasons) == [CONVERGED]
+    assert out.approximation_errors[0] <= 0.01
+    assert out.attributions.sum() == pytest.approx(1.0, abs=0.01)
+    assert out.step_counts[0] < 100
+
+
 class _PowerModel:
     """On path r, F(alpha) = alpha ** powers[r] (a one-pixel input), so dF/dalpha is known exactly."""
 
