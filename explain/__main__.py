@@ -19,7 +19,8 @@ _METHODS = {"ig": "integrated_gradients_attribution", "xrai": "xrai_attribution"
 def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
          step_count: int | None = None,
          quadrature: str | None = None, target_error: float | None = None, fixed_steps: bool = False,
-         max_step_count: int | None = None, top_k: int = 1, batch_size: int = 8) -> list[str]:
+         max_step_count: int | None = None, map_target: float | None = None, top_k: int = 1,
+         batch_size: int = 8) -> list[str]:
     """Explain IMAGE_FILES with the model in MODEL_DIR; figures and explanations.json in OUTPUT_DIR.
 
     Args:
@@ -31,6 +32,8 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
       target_error: extension: the approximation error each path is refined to (default 0.05).
       fixed_steps: exactly step_count steps, no refinement (Vertex's own semantics).
       max_step_count: extension: the most gradient evaluations one path may cost (default 400).
+      map_target: extension: also refine until each map's estimated relative L1 error is at most
+        this (completeness alone cannot see pixels that cancel in the sum).
       top_k: classes explained per image (figures show the first).
     """
     if method not in _METHODS:
@@ -45,6 +48,8 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
         spec["target_error"] = None
     if max_step_count:
         spec["max_step_count"] = max_step_count
+    if map_target:
+        spec["map_target"] = map_target
     parameters = {_METHODS[method]: spec, "top_k": top_k}
     model = load_explainable_model(model_dir)
     return explain_files(list(image_files), local_explainer(model, parameters), output_dir,

@@ -208,7 +208,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         ig = IntegratedGradients().GetMask(
             flat_ends[x_rows], flat_starts[b_rows], classes, model, step_count=start_step_count(attribution),
             quadrature=attribution.quadrature, target_error=attribution.target_error,
-            max_step_count=attribution.max_step_count, path=path,
+            max_step_count=attribution.max_step_count, map_target=attribution.map_target, path=path,
             max_blur_sigma=blur.max_blur_sigma if blur else 0.0,
             end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]), min_output_gap=MIN_OUTPUT_DELTA,
             path_groups=np.arange(len(keys)) // (samples * num_baselines))  # the paths averaged into one attribution

@@ -19,6 +19,11 @@ Our extensions (NOT Vertex fields) live in the method dict beside ``step_count``
   ranked by the per-pixel map, which completeness alone does not converge.
 - ``max_step_count``: the cap on gradient evaluations per path (default 400): what one path can
   cost, whatever the model and the image.
+- ``map_target``: with refinement on, also refine each path until its map's estimated relative
+  L1 error (from the grid's own panels) is at most this (default none: completeness alone, as
+  Vertex measures it). Completeness checks the sum of the map; the pixels can still be far from
+  the integral where they cancel in the sum (``make bench``, section 1b). Within
+  ``max_step_count``, so it never buys more work than a request could already ask for.
 - ``quadrature``: with refinement off, the rule of the fixed steps (:mod:`explain.quadrature`),
   default ``riemann_trapezoid`` (measured best of the fixed rules on MobileNetV2), or
   ``gauss_legendre`` for networks with smooth activations. Naming a rule without a ``target_error`` turns refinement off.
@@ -63,7 +68,7 @@ MAX_OUTPUT_INDICES = 1000
 MAX_SEED = 2**63 - 1
 NAMED_BASELINES = ("black", "white", "random", "blurred")
 BLUR_PATHS = ("scale_space", "linear")
-EXTENSION_KEYS = ("quadrature", "target_error", "max_step_count", "baseline", "blur_path", "seed")
+EXTENSION_KEYS = ("quadrature", "target_error", "max_step_count", "map_target", "baseline", "blur_path", "seed")
 
 IG_METHOD = "integrated_gradients"
 XRAI_METHOD = "xrai"
@@ -119,6 +124,7 @@ class AttributionMethodConfig:
     quadrature: str = DEFAULT_QUADRATURE
     target_error: float | None = DEFAULT_TARGET_ERROR
     max_step_count: int = DEFAULT_MAX_ADAPTIVE_STEPS
+    map_target: float | None = None
     baselines: tuple[str, ...] | None = None
     seed: int = 0
 
@@ -252,6 +258,12 @@ def _method(raw: Any, method: str, where: str) -> AttributionMethodConfig:
     if max_steps < step_count:
         raise ExplanationParametersError(f"{where}.max_step_count ({max_steps}) must be >= step_count "
                                          f"({step_count})")
+    map_target = raw.get("map_target")
+    if map_target is not None:
+        map_target = _positive(map_target, f"{where}.map_target", 1.0)
+        if target is None:
+            raise ExplanationParametersError(f"{where}.map_target refines the path: it needs refinement on "
+                                             f"(remove target_error: null)")
 
     baselines = raw.get("baseline")
     if baselines is not None:
@@ -271,7 +283,8 @@ def _method(raw: Any, method: str, where: str) -> AttributionMethodConfig:
         raise ExplanationParametersError(f"{where}.seed must be in [0, 2**63 - 1], got {seed}")
     return AttributionMethodConfig(method=method, step_count=step_count, smooth_grad=smooth,
                                    blur_baseline=blur, quadrature=quadrature, target_error=target,
-                                   max_step_count=max_steps, baselines=baselines, seed=seed)
+                                   max_step_count=max_steps, map_target=map_target, baselines=baselines,
+                                   seed=seed)
 
 
 def start_step_count(attribution: AttributionMethodConfig) -> int:
@@ -342,7 +355,7 @@ def vertex_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
     """
     parse_explanation_parameters(params)
     clean = copy.deepcopy(dict(params))
-    extension_names = set(EXTENSION_KEYS) | {"targetError", "maxStepCount", "blurPath"}
+    extension_names = set(EXTENSION_KEYS) | {"targetError", "maxStepCount", "mapTarget", "blurPath"}
     for key, value in clean.items():
         if _snake(key) in _METHOD_FIELDS and isinstance(value, dict):
             clean[key] = {k: v for k, v in value.items() if k not in extension_names}

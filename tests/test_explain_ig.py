@@ -142,6 +142,45 @@ def test_a_steep_stretch_a_gradient_sees_is_resolved_not_called_a_jump():
     assert out.step_counts[0] < 100
 
 
+class _CancellingModel:
+    """Two pixels whose integrands along the path are 1/4 +- sin(5 pi alpha): they cancel in the
+    sum, so F(alpha) = alpha / 2 is a straight line and completeness holds on any grid, while the
+    map needs the oscillation resolved. The exact map is 1/4 +- 2 / (5 pi)."""
+
+    exact = np.array([0.25 + 2 / (5 * np.pi), 0.25 - 2 / (5 * np.pi)])
+
+    def predict(self, images):
+        f = 0.5 * images.reshape(len(images), -1).mean(axis=1)
+        return np.stack([f, 1 - f], axis=1).astype(np.float32)
+
+    def path_gradients(self, batch):
+        wave = np.sin(5 * np.pi * batch.alphas.astype(np.float64))
+        nodes = np.stack([0.25 + wave, 0.25 - wave], axis=1)
+        attributions = np.zeros((batch.num_groups, 2))
+        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * nodes)
+        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32),
+                          np.full(len(batch.alphas), 0.5, np.float32), (0.5 * batch.alphas).astype(np.float32))
+
+
+def test_the_map_error_is_estimated_and_map_target_refines_what_completeness_cannot_see():
+    x, b = np.ones((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    ig, model = IntegratedGradients(), _CancellingModel()
+
+    def true_error(out):
+        return np.abs(out.attributions[0].ravel() - model.exact).sum() / np.abs(model.exact).sum()
+
+    plain = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01)
+    assert plain.step_counts[0] == 5 and plain.approximation_errors[0] < 1e-6  # completeness is blind here
+    assert true_error(plain) > 0.5 and plain.map_errors[0] > 0.1  # the estimate is not
+
+    refined = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01, map_target=0.02)
+    assert list(refined.stop_reasons) == [CONVERGED]
+    assert refined.map_errors[0] <= 0.02  # recomputed from the final grid: the running bookkeeping agrees
+    assert true_error(refined) < 0.02
+    assert refined.step_counts[0] < 200
+    assert len(ig.GetMask(x, b, np.array([0]), model, step_count=5).map_errors) == 0  # fixed mode: none
+
+
 class _PowerModel:
     """On path r, F(alpha) = alpha ** powers[r] (a one-pixel input), so dF/dalpha is known exactly."""
 

@@ -27,6 +27,9 @@ from explain.visualization import parse_visualization
     ({"integrated_gradients_attribution": {"step_count": 5}, "top_k": -2}, "top_k"),
     ({"integrated_gradients_attribution": {"step_count": 5}, "output_indices": [-1]}, "output_indices"),
     ({"integrated_gradients_attribution": {"step_count": 5, "baseline": "grey"}}, "baseline"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "map_target": 0}}, "map_target"),
+    ({"integrated_gradients_attribution": {"step_count": 5, "map_target": 0.1, "target_error": None}},
+     "map_target refines the path"),
 ])
 def test_invalid_parameters_name_the_field(params, field):
     with pytest.raises(ExplanationParametersError, match=field.replace(".", r"\.")):
@@ -54,9 +57,14 @@ def test_vertex_defaults_and_extensions_are_stripped_for_vertex():
     assert config.top_k == 1 and config.output_indices is None
     assert config.attribution.smooth_grad.noisy_sample_count == 3
     ours = {"integrated_gradients_attribution": {"step_count": 8, "target_error": 0.01, "max_step_count": 200,
-                                                 "baseline": ["black", "white"]}}
+                                                 "map_target": 0.1, "baseline": ["black", "white"]}}
     assert parse_explanation_parameters(ours).attribution.target_error == 0.01
+    assert parse_explanation_parameters(ours).attribution.map_target == 0.1
+    assert parse_explanation_parameters({"integratedGradientsAttribution": {
+        "stepCount": 8, "mapTarget": 0.1}}).attribution.map_target == 0.1
     assert vertex_parameters(ours) == {"integrated_gradients_attribution": {"step_count": 8}}
+    assert parse_explanation_parameters({"integrated_gradients_attribution": {"step_count": 8}}).attribution.map_target \
+        is None  # completeness alone, as Vertex measures it, unless asked
 
 
 def test_refinement_to_vertex_threshold_is_the_default_and_can_be_turned_off():

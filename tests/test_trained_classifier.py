@@ -95,6 +95,27 @@ def test_default_ig_is_faithful_and_points_at_the_flower(model_images_masks):
     assert np.median(lifts) > 1.25, (inside, chance)
 
 
+def test_map_target_refines_the_map_on_the_trained_model(model_images_masks):
+    """``map_target`` flows from the request to the refinement and buys a map whose own error
+    estimate meets it, where completeness alone stops earlier."""
+    model, images, _ = model_images_masks
+    x = images[:2]
+    classes = model.predict(x).argmax(axis=1)
+    ig = IntegratedGradients()
+    plain = ig.GetMask(x, np.zeros_like(x), classes, model, step_count=DEFAULT_ADAPTIVE_START, target_error=0.05)
+    mapped = ig.GetMask(x, np.zeros_like(x), classes, model, step_count=DEFAULT_ADAPTIVE_START, target_error=0.05,
+                        map_target=0.1)
+    assert all(e <= 0.1 or r == "limit" for e, r in zip(mapped.map_errors, mapped.stop_reasons))
+    assert mapped.step_counts.sum() >= plain.step_counts.sum()
+    before = model.evaluations
+    explain_images(model, x, {"integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}})
+    default_cost, before = model.evaluations - before, model.evaluations
+    explanations = explain_images(model, x, {"integratedGradientsAttribution": {
+        "stepCount": DEFAULT_ADAPTIVE_START, "mapTarget": 0.1}}, return_raw=True)
+    assert model.evaluations - before >= default_cost
+    assert max(_misses_are_explained(explanations)) <= 0.05
+
+
 def test_xrai_top_regions_cover_the_flower(model_images_masks):
     """XRAI's most important regions (the top 20% of the image by its ranking) lie on the flower
     clearly more often than the flower's share of the image. Region-level, not a pointing game:
