@@ -48,7 +48,7 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
         spec["target_error"] = None
     if max_step_count:
         spec["max_step_count"] = max_step_count
-    if map_target:
+    if map_target is not None:
         spec["map_target"] = map_target
     parameters = {_METHODS[method]: spec, "top_k": top_k}
     model = load_explainable_model(model_dir)

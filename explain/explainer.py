@@ -107,7 +107,8 @@ def _baselines(image: np.ndarray, attribution: AttributionMethodConfig, metadata
 
 
 def _warnings(name: str, error: float, instance: float, baseline: float, reasons: np.ndarray,
-              steps: np.ndarray, attribution: AttributionMethodConfig) -> list[str]:
+              steps: np.ndarray, attribution: AttributionMethodConfig,
+              map_errors: np.ndarray | None = None) -> list[str]:
     """What a user must know about one attribution, naming the cause and what to do."""
     out = []
     if DEGENERATE in reasons or abs(instance - baseline) < MIN_OUTPUT_DELTA:
@@ -115,6 +116,14 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
                    f"below {MIN_OUTPUT_DELTA} leaves almost nothing to attribute, so the attribution is unreliable "
                    f"and was not refined ({int(steps.max())} steps); use another baseline (baseline: white, "
                    f"blurred or random, or input_baselines in the explanation metadata)")
+    elif attribution.map_target is not None and map_errors is not None and len(map_errors) \
+            and float(np.max(map_errors)) > 1.01 * attribution.map_target:  # 1%: float32 recomputation
+        out.append(f"output {name!r}: estimated map error {float(np.max(map_errors)):.3f} still exceeds map_target "
+                   f"{attribution.map_target} after {int(steps.max())} gradient evaluations (max_step_count "
+                   f"{attribution.max_step_count}); "
+                   + ("the rest sits in the narrowest panels, where the first-order estimate over-rates steep "
+                      "but smooth stretches" if RESOLUTION in reasons and LIMIT not in reasons else
+                      "raise max_step_count"))
     if error <= MAX_APPROXIMATION_ERROR:
         return out
     if LIMIT in reasons:
@@ -239,7 +248,8 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
                 "baselineOutputValue": baseline, "approximationError": error, "outputName": io.output_key,
                 "featureAttributions": {io.input_key: feature}})
             results[i]["warnings"].extend(_warnings(name, error, instance, baseline, ig.stop_reasons[rows],
-                                                    ig.step_counts[rows], attribution))
+                                                    ig.step_counts[rows], attribution,
+                                                    ig.map_errors[rows] if len(ig.map_errors) else None))
         return results
     finally:
         for future in segments.values():

@@ -263,7 +263,7 @@ def _method(raw: Any, method: str, where: str) -> AttributionMethodConfig:
         map_target = _positive(map_target, f"{where}.map_target", 1.0)
         if target is None:
             raise ExplanationParametersError(f"{where}.map_target refines the path: it needs refinement on "
-                                             f"(remove target_error: null)")
+                                             f"(a target_error, not target_error: null or a quadrature rule)")
 
     baselines = raw.get("baseline")
     if baselines is not None:

@@ -179,6 +179,25 @@ def test_the_map_error_is_estimated_and_map_target_refines_what_completeness_can
     assert true_error(refined) < 0.02
     assert refined.step_counts[0] < 200
     assert len(ig.GetMask(x, b, np.array([0]), model, step_count=5).map_errors) == 0  # fixed mode: none
+    with pytest.raises(ValueError, match="map_target"):
+        ig.GetMask(x, b, np.array([0]), model, step_count=5, map_target=0.1)  # fixed steps cannot refine
+
+
+def test_a_map_target_missed_within_the_cap_says_so():
+    from explain.explainer import _warnings
+    from explain.parameters import parse_explanation_parameters
+
+    x, b = np.ones((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    out = IntegratedGradients().GetMask(x, b, np.array([0]), _CancellingModel(), step_count=5, target_error=0.01,
+                                        max_step_count=12, map_target=0.01)
+    assert list(out.stop_reasons) == [LIMIT] and out.step_counts[0] == 12 and out.map_errors[0] > 0.01
+    config = parse_explanation_parameters({"integrated_gradients_attribution": {
+        "step_count": 5, "max_step_count": 12, "map_target": 0.01}}).attribution
+    (warning,) = _warnings("up", float(out.approximation_errors[0]), 0.5, 0.0, out.stop_reasons, out.step_counts,
+                           config, out.map_errors)
+    assert "estimated map error" in warning and "raise max_step_count" in warning
+    assert _warnings("up", 0.0, 0.5, 0.0, np.array([CONVERGED], object), np.array([20]), config,
+                     np.array([0.0100001])) == []  # within the float32 recomputation's 1%
 
 
 class _PowerModel:
