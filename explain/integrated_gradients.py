@@ -145,10 +145,11 @@ def _map_error(squares: np.ndarray, attribution_l1: float) -> float:
     """The map's estimated relative L1 error from its panels' :func:`_map_residual`: per pixel
     the panels' errors add like a random walk (root of the sum of squares), then summed over
     pixels and divided by the map's L1 norm. Calibrated, not derived (the mean magnitude in a
-    root-sum-square runs about 13% under the RMS): on MobileNetV2 1.0 @ 192 (8 validation
-    images, 24 grids from 10 to 400 points) it came within 0.02 of the true distance to the
-    converged map wherever that was under 0.16, and under-estimated (but still flagged) coarser
-    maps."""
+    root-sum-square runs about 13% under the RMS): on MobileNetV2 1.0 @ 192 (``make bench``,
+    section 1b: 8 validation images, 40 grids of 10 to 400 points) it read 0-25% under the true
+    distance to the converged map wherever that was under 0.16, and about half of it on coarser
+    maps (0.29-0.35 for 0.49-0.76), which it still flags. So a ``map_target`` of 0.1 ends with
+    true distances up to about 0.11."""
     return float(np.sqrt(np.maximum(squares, 0.0)).sum() / max(attribution_l1, np.finfo(np.float32).tiny))
 
 
