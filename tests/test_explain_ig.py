@@ -183,6 +183,21 @@ def test_the_map_error_is_estimated_and_map_target_refines_what_completeness_can
         ig.GetMask(x, b, np.array([0]), model, step_count=5, map_target=0.1)  # fixed steps cannot refine
 
 
+def test_map_target_is_judged_on_the_map_a_group_averages():
+    """Two identical cancelling paths averaged into one attribution: the average's error is about
+    1/sqrt(2) of one path's, so the group meets the target with fewer points than each path alone,
+    and both paths report the group's estimate."""
+    x, b = np.ones((2, 1, 1, 2), np.float32), np.zeros((2, 1, 1, 2), np.float32)
+    ig, model = IntegratedGradients(), _CancellingModel()
+    alone = ig.GetMask(x, b, np.array([0, 0]), model, step_count=5, target_error=0.01, map_target=0.02)
+    grouped = ig.GetMask(x, b, np.array([0, 0]), model, step_count=5, target_error=0.01, map_target=0.02,
+                         path_groups=np.array([0, 0]))
+    assert list(grouped.stop_reasons) == [CONVERGED, CONVERGED]
+    assert grouped.map_errors[0] == grouped.map_errors[1] <= 0.02
+    assert grouped.step_counts.sum() < alone.step_counts.sum()
+    assert alone.map_errors.max() <= 0.02
+
+
 def test_a_map_target_missed_within_the_cap_says_so():
     from explain.explainer import _warnings
     from explain.parameters import parse_explanation_parameters
