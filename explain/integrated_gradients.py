@@ -210,8 +210,8 @@ class IntegratedGradients:
             evaluations, the same top-10% regions on 12 validation images). A group is degenerate
             only when its mean gap is below ``min_output_gap``. By default every path is a group
             of its own.
-          map_target: adaptive mode: also refine each path until its map's estimated relative L1
-            error (:func:`_map_error`) is at most this. Completeness checks one number, the sum of
+          map_target: adaptive mode: also refine until the map's estimated relative L1 error
+            (:func:`_map_error`) is at most this. Completeness checks one number, the sum of
             the map; a stretch of the path where the output is flat but the per-pixel integrands
             are not (they cancel in the sum) can stay coarse, and the map with it (``make bench``,
             section 1b). None: completeness alone, as Vertex measures it. Judged on a group's
