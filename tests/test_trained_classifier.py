@@ -99,7 +99,7 @@ def test_map_target_refines_the_map_on_the_trained_model(model_images_masks):
     """``map_target`` flows from the request to the refinement and buys a map whose own error
     estimate meets it, where completeness alone stops earlier."""
     model, images, _ = model_images_masks
-    x = images[:2]
+    x = images[:1]
     classes = model.predict(x).argmax(axis=1)
     ig = IntegratedGradients()
     plain = ig.GetMask(x, np.zeros_like(x), classes, model, step_count=DEFAULT_ADAPTIVE_START, target_error=0.05)
