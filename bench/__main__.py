@@ -16,8 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from bench.worker import COMPARISONS
+from serving.storage import write_json_atomic, write_text_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -121,10 +123,10 @@ def main(argv=None) -> int:
     # what a fresh run costs: building the inputs (when not cached) plus every comparison
     results["total_seconds"] = sum(results["build"]["seconds"].values()) + sum(
         r.get("wall_seconds", 0) for r in results["comparisons"].values())
-    with open(results["results_json"], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(report, "w") as f:
-        f.write(render(results, report))
+    # replaced, never rewritten in place: a run killed here leaves the last complete results, which
+    # the next --only run keeps comparisons from
+    write_json_atomic(Path(results["results_json"]), results, indent=1)
+    write_text_atomic(Path(report), render(results, report))
     failed = [n for n, r in results["comparisons"].items() if "error" in r]
     print(f"[bench] wrote {report} and {results['results_json']} in {results['wall_seconds'] / 60:.1f} min"
           + (f"; FAILED: {failed}" if failed else ""), flush=True)

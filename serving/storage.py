@@ -33,14 +33,19 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_json_atomic(path: Path, value: Any, indent: int = 2) -> None:
     """Replace ``path`` with ``value`` as JSON such that a crash at any point leaves a valid file."""
+    write_text_atomic(path, json.dumps(value, indent=indent, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` such that a crash at any point leaves the old file or the new."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -100,6 +100,24 @@ def test_step_choice_takes_the_first_ladder_step_meeting_the_median_or_every_ima
     assert _step_choice(errors, 0.01, "median") == (64, False)
 
 
+def test_the_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The bench writes results.json and BENCHMARKS.md by replacement: a run killed while writing
+    leaves the last complete file (which the next ``--only`` run keeps comparisons from)."""
+    from serving import storage
+
+    report = tmp_path / "BENCHMARKS.md"
+    storage.write_text_atomic(report, "# old\n")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(storage.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_text_atomic(report, "# new, half written")
+    assert report.read_text() == "# old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["BENCHMARKS.md"]  # no temporary file left behind
+
+
 #: Two comparisons run in the smoke test (the runner, a worker process, the shared cached backbone,
 #: cached inputs and the report are all exercised; training is tested in test_train.py);
 #: BENCH_SMOKE_ALL=1 runs every comparison.
