@@ -355,8 +355,7 @@ def vertex_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
     """
     parse_explanation_parameters(params)
     clean = copy.deepcopy(dict(params))
-    extension_names = set(EXTENSION_KEYS) | {"targetError", "maxStepCount", "mapTarget", "blurPath"}
     for key, value in clean.items():
         if _snake(key) in _METHOD_FIELDS and isinstance(value, dict):
-            clean[key] = {k: v for k, v in value.items() if k not in extension_names}
+            clean[key] = {k: v for k, v in value.items() if _snake(k) not in EXTENSION_KEYS}
     return clean

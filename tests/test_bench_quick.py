@@ -152,7 +152,6 @@ def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
         assert result["title"] in text
     ig = results["comparisons"]["ig_speed"]["raw"]["timings"]
     assert all(errors for t in ig.values() for errors in t["errors"].values())
-    if "ig_maps" in results["comparisons"]:
-        scores = results["comparisons"]["ig_maps"]["raw"]["scores"]
-        assert len(scores) == 7 and all(len(s["l1"]) == 1 for s in scores.values())
-        assert all(0.0 <= s["iou"][0] <= 1.0 and s["l1"][0] >= 0.0 for s in scores.values())
+    scores = results["comparisons"]["ig_maps"]["raw"]["scores"]
+    assert len(scores) == 7 and all(len(s["l1"]) == 1 for s in scores.values())
+    assert all(0.0 <= s["iou"][0] <= 1.0 and s["l1"][0] >= 0.0 for s in scores.values())
