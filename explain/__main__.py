@@ -19,7 +19,8 @@ _METHODS = {"ig": "integrated_gradients_attribution", "xrai": "xrai_attribution"
 def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
          step_count: int | None = None,
          quadrature: str | None = None, target_error: float | None = None, fixed_steps: bool = False,
-         max_step_count: int | None = None, map_target: float | None = None, top_k: int = 1,
+         max_step_count: int | None = None, map_target: float | None = None, completeness_only: bool = False,
+         top_k: int = 1,
          batch_size: int = 8) -> list[str]:
     """Explain IMAGE_FILES with the model in MODEL_DIR; figures and explanations.json in OUTPUT_DIR.
 
@@ -33,7 +34,9 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
       fixed_steps: exactly step_count steps, no refinement (Vertex's own semantics).
       max_step_count: extension: the most gradient evaluations one path may cost (default 400).
       map_target: extension: also refine until each map's estimated relative L1 error is at most
-        this (completeness alone cannot see pixels that cancel in the sum).
+        this (default 0.1 for IG, none for XRAI: completeness alone cannot see pixels that cancel
+        in the sum).
+      completeness_only: refine to target_error alone, no map_target (``map_target: null``).
       top_k: classes explained per image (figures show the first).
     """
     if method not in _METHODS:
@@ -48,8 +51,12 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
         spec["target_error"] = None
     if max_step_count:
         spec["max_step_count"] = max_step_count
+    if map_target is not None and completeness_only:
+        raise ValueError("--map_target and --completeness_only contradict each other: choose one")
     if map_target is not None:
         spec["map_target"] = map_target
+    if completeness_only:
+        spec["map_target"] = None
     parameters = {_METHODS[method]: spec, "top_k": top_k}
     model = load_explainable_model(model_dir)
     return explain_files(list(image_files), local_explainer(model, parameters), output_dir,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bench.common import alternate, completeness_error
+from bench.profiles import QUICK
 from bench.quality import localization
 from bench.worker import COMPARISONS
 from bench.xrai_speed import top_area_iou
@@ -153,5 +154,9 @@ def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
     ig = results["comparisons"]["ig_speed"]["raw"]["timings"]
     assert all(errors for t in ig.values() for errors in t["errors"].values())
     scores = results["comparisons"]["ig_maps"]["raw"]["scores"]
-    assert len(scores) == 7 and all(len(s["l1"]) == 1 for s in scores.values())
+    # ours: default and completeness-only requests at both targets, XRAI's start, a stricter map
+    # target; and the tutorial at each of map_fixed_steps
+    assert len(scores) == 6 + len(QUICK.map_fixed_steps) and all(len(s["l1"]) == 1 for s in scores.values())
+    timed = set(results["comparisons"]["ig_speed"]["raw"]["timings"]["0.05"]["seconds"])
+    assert {"ours (adaptive, default request)", "ours (adaptive, completeness only: map_target null)"} <= timed
     assert all(0.0 <= s["iou"][0] <= 1.0 and s["l1"][0] >= 0.0 for s in scores.values())

@@ -61,10 +61,28 @@ def test_vertex_defaults_and_extensions_are_stripped_for_vertex():
     assert parse_explanation_parameters(ours).attribution.target_error == 0.01
     assert parse_explanation_parameters(ours).attribution.map_target == 0.1
     assert parse_explanation_parameters({"integratedGradientsAttribution": {
-        "stepCount": 8, "mapTarget": 0.1}}).attribution.map_target == 0.1
+        "stepCount": 8, "mapTarget": 0.03}}).attribution.map_target == 0.03
     assert vertex_parameters(ours) == {"integrated_gradients_attribution": {"step_count": 8}}
-    assert parse_explanation_parameters({"integrated_gradients_attribution": {"step_count": 8}}).attribution.map_target \
-        is None  # completeness alone, as Vertex measures it, unless asked
+
+
+def test_ig_refines_its_map_by_default_and_null_asks_for_completeness_alone():
+    """IG's default request is held to DEFAULT_MAP_TARGET (completeness alone left its maps far from
+    the integral); ``map_target: null`` (or camelCase ``mapTarget``) turns it off; XRAI and fixed
+    steps have none unless asked."""
+    from explain.parameters import DEFAULT_MAP_TARGET
+
+    def parsed(method: str, **spec):
+        return parse_explanation_parameters({method: {"step_count": 8, **spec}}).attribution
+
+    assert parsed("integrated_gradients_attribution").map_target == DEFAULT_MAP_TARGET
+    assert parsed("integrated_gradients_attribution", smooth_grad_config={"noise_sigma": 0.1}).map_target \
+        == DEFAULT_MAP_TARGET
+    assert parsed("integrated_gradients_attribution", map_target=None).map_target is None
+    assert parsed("integrated_gradients_attribution", mapTarget=None).map_target is None
+    assert parsed("integrated_gradients_attribution", target_error=None).map_target is None  # Vertex's fixed steps
+    assert parsed("integrated_gradients_attribution", quadrature="gauss_legendre").map_target is None
+    assert parsed("xrai_attribution").map_target is None
+    assert parsed("xrai_attribution", map_target=0.2).map_target == 0.2
 
 
 def test_refinement_to_vertex_threshold_is_the_default_and_can_be_turned_off():

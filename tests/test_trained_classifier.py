@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from explain import explain_images, load_explainable_model
 from explain.integrated_gradients import DEGENERATE, DEGENERATE_STEP_COUNT, IntegratedGradients
-from explain.parameters import DEFAULT_ADAPTIVE_START
+from explain.parameters import DEFAULT_ADAPTIVE_START, DEFAULT_MAP_TARGET
 from trainer.data import load_masks, take_numpy
 
 
@@ -97,24 +97,32 @@ def test_default_ig_is_faithful_and_points_at_the_flower(model_images_masks):
 
 def test_map_target_refines_the_map_on_the_trained_model(model_images_masks):
     """``map_target`` flows from the request to the refinement and buys a map whose own error
-    estimate meets it, where completeness alone stops earlier."""
+    estimate meets it, where completeness alone stops earlier; an IG request that names none gets
+    DEFAULT_MAP_TARGET, and ``mapTarget: null`` asks for completeness alone."""
     model, images, _ = model_images_masks
     x = images[:1]
     classes = model.predict(x).argmax(axis=1)
     ig = IntegratedGradients()
     plain = ig.GetMask(x, np.zeros_like(x), classes, model, step_count=DEFAULT_ADAPTIVE_START, target_error=0.05)
+    assert plain.map_errors.max() > DEFAULT_MAP_TARGET, plain.map_errors  # what makes the default matter here
     target = round(0.5 * float(plain.map_errors.max()), 4)  # half of what completeness alone left
     mapped = ig.GetMask(x, np.zeros_like(x), classes, model, step_count=DEFAULT_ADAPTIVE_START, target_error=0.05,
                         map_target=target)
     assert all(e <= 1.01 * target or r != "converged" for e, r in zip(mapped.map_errors, mapped.stop_reasons))
     assert mapped.map_errors.max() < plain.map_errors.max()
     assert mapped.step_counts.sum() > plain.step_counts.sum()
-    before = model.evaluations
-    explain_images(model, x, {"integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}})
-    default_cost, before = model.evaluations - before, model.evaluations
-    explanations = explain_images(model, x, {"integratedGradientsAttribution": {
-        "stepCount": DEFAULT_ADAPTIVE_START, "mapTarget": target}}, return_raw=True)
-    assert model.evaluations - before > default_cost
+
+    def cost(method: dict) -> tuple[int, list]:
+        before = model.evaluations
+        explanations = explain_images(model, x, {"integratedGradientsAttribution": method}, return_raw=True)
+        return model.evaluations - before, explanations
+
+    completeness_cost, _ = cost({"stepCount": DEFAULT_ADAPTIVE_START, "mapTarget": None})
+    default_cost, explanations = cost({"stepCount": DEFAULT_ADAPTIVE_START})
+    assert completeness_cost == plain.step_counts.sum() - 1  # the same path; the black end was kept
+    assert default_cost > completeness_cost
+    assert max(_misses_are_explained(explanations)) <= 0.05
+    _, explanations = cost({"stepCount": DEFAULT_ADAPTIVE_START, "mapTarget": target})
     assert max(_misses_are_explained(explanations)) <= 0.05
 
 
