@@ -53,7 +53,7 @@ class Profile:
     map_reference_map_target: float = 0.02
     #: the fixed rule's step counts: what section 1 found the references need for 5% and 1%, and
     #: between them, where the rule's maps match ours' default (equal map accuracy)
-    map_fixed_steps: tuple[int, ...] = (100, 200, 300, 600)
+    map_fixed_steps: tuple[int, ...] = (100, 150, 200, 250, 300, 600)
     #: a ``map_target`` stricter than the default, for the contender refined to 1%
     map_high_target: float = 0.05
     # 2. XRAI
@@ -105,7 +105,19 @@ class Profile:
     seed: int = 42
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The sizes, plus the product's request defaults (:func:`request_defaults`) that the
+        comparisons of ours' default request measure: a later ``--only`` keeps a result only if
+        they are unchanged too."""
+        return dict(asdict(self), request_defaults=request_defaults())
+
+
+def request_defaults() -> dict:
+    """What a request that names nothing but ``step_count`` gets (:mod:`explain.parameters`)."""
+    from explain import parameters
+
+    return {name: getattr(parameters, name) for name in (
+        "DEFAULT_TARGET_ERROR", "DEFAULT_MAP_TARGET", "DEFAULT_MAX_ADAPTIVE_STEPS", "DEFAULT_ADAPTIVE_START",
+        "XRAI_MIN_START")}
 
 
 FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_images=12, xrai_images=8,
@@ -131,14 +143,14 @@ ASSET_FIELDS = ("name", "num_train", "num_eval", "train_epochs", "seed")
 #: The fields each comparison reads besides those: ``--only`` keeps another comparison's last
 #: results exactly when none of its fields changed, and the report prints them as its sizes.
 COMPARISON_FIELDS = {
-    "ig_speed": ("ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats",
+    "ig_speed": ("request_defaults", "ig_images", "ig_ladder", "ig_targets", "ig_start_steps", "ig_max_steps", "ig_repeats",
                  "floor_batches"),
-    "ig_maps": ("map_images", "map_reference_start", "map_reference_target", "map_reference_steps",
+    "ig_maps": ("request_defaults", "map_images", "map_reference_start", "map_reference_target", "map_reference_steps",
                 "map_reference_map_target",
                 "map_fixed_steps", "map_high_target", "ig_targets", "ig_start_steps", "ig_max_steps"),
-    "xrai_speed": ("xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder", "ig_max_steps"),
+    "xrai_speed": ("request_defaults", "xrai_images", "xrai_steps", "xrai_reference_steps", "xrai_accurate_ladder", "ig_max_steps"),
     "training": ("num_train", "training_shards", "num_eval", "training_epochs", "training_repeats"),
-    "serving": ("explain_requests", "predict_requests", "predict_concurrency", "predict_batch", "ig_start_steps",
+    "serving": ("request_defaults", "explain_requests", "predict_requests", "predict_concurrency", "predict_batch", "ig_start_steps",
                 "ig_max_steps"),
     "scale": ("scale_steps", "scale_batches", "scale_sizes", "scale_base_steps", "scale_repeats"),
     "batch_throughput": ("batch_images", "batch_steps", "batch_predict_images", "batch_repeats", "floor_batches"),

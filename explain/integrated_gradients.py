@@ -214,7 +214,8 @@ class IntegratedGradients:
             (:func:`_map_error`) is at most this. Completeness checks one number, the sum of
             the map; a stretch of the path where the output is flat but the per-pixel integrands
             are not (they cancel in the sum) can stay coarse, and the map with it (``make bench``,
-            section 1b). None: completeness alone, as Vertex measures it. Judged on a group's
+            section 1b). None: completeness alone, as Vertex measures it (here, the core's
+            default; an IG request's is ``explain.parameters.DEFAULT_MAP_TARGET``). Judged on a group's
             averaged map, the one a user gets (the error of an average of n paths is about
             1/sqrt(n) of one; each path's panels get an equal share of the allowance). A path
             that cannot meet it within ``max_step_count`` stops as LIMIT, one whose remaining

@@ -160,3 +160,21 @@ def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
     timed = set(results["comparisons"]["ig_speed"]["raw"]["timings"]["0.05"]["seconds"])
     assert {"ours (adaptive, default request)", "ours (adaptive, completeness only: map_target null)"} <= timed
     assert all(0.0 <= s["iou"][0] <= 1.0 and s["l1"][0] >= 0.0 for s in scores.values())
+
+
+def test_ours_request_follows_the_products_defaults_and_equal_accuracy_is_bracketed():
+    """The bench's "default request" is what the product parses a bare request to, so it moves
+    with ``explain.parameters``; equal map accuracy is interpolated between the steps that
+    bracket it, never read off the first step count tried."""
+    from bench.ig_maps import equal_map_accuracy_steps
+    from bench.ig_speed import ours_request
+    from explain.parameters import DEFAULT_MAP_TARGET
+
+    assert ours_request(QUICK, 0.05) == dict(step_count=QUICK.ig_start_steps, target_error=0.05,
+                                             max_step_count=QUICK.ig_max_steps, map_target=DEFAULT_MAP_TARGET)
+    assert ours_request(QUICK, 0.05, map_target=None)["map_target"] is None
+    # error ~ 16 / steps: 0.08 is met at 200, between the 100 and 300 tried
+    lo, hi, n = equal_map_accuracy_steps({100: 0.16, 300: 16 / 300, 600: 16 / 600}, 0.08)
+    assert (lo, hi) == (100, 300) and abs(n - 200) < 1e-6
+    assert equal_map_accuracy_steps({100: 0.16, 300: 0.1}, 0.05) is None
+    assert equal_map_accuracy_steps({100: 0.04, 300: 0.01}, 0.05) == (100, 100, 100.0)

@@ -79,6 +79,11 @@ def test_cli_writes_figures(exported_model_dir, tmp_path):
     assert [s["attributions"][0]["outputName"] for s in summary] == ["probabilities"] * 2
     with pytest.raises(ValueError, match="cannot read image file"):
         cli_main(str(tmp_path / "missing.jpg"), model_dir=exported_model_dir, output_dir=str(out))
+    plain = cli_main(files[0], model_dir=exported_model_dir, output_dir=str(tmp_path / "plain"), step_count=8,
+                     completeness_only=True)  # map_target: null
+    assert [p.split("/")[-1] for p in plain] == ["flower0_ig.png"]
+    with pytest.raises(ValueError, match="contradict"):
+        cli_main(files[0], model_dir=exported_model_dir, output_dir=str(out), map_target=0.1, completeness_only=True)
 
 
 def test_xrai_segments_are_exactly_saliencys_with_each_mask_dilated_in_its_box():
