@@ -15,7 +15,9 @@ same steps. So for each target of Vertex's approximation error (5% and 1%):
    :mod:`explain.quadrature`'s, which ``tests/test_bench_quick.py`` checks against the tutorial.
 2. *Timed runs.* Each implementation is then run, for real, on every image at its own step count
    (ours adaptive: the default request, refining from ``ig_start_steps`` grid points to the
-   target with at most 400 evaluations; the references at the floor's best batch size), contenders
+   target with at most 400 evaluations and, by default, until the map's estimated error meets
+   ``map_target`` too (section 1b); and the same request with ``map_target: null``, completeness
+   alone, the speed the issue's goals are stated at; the references at the floor's best batch size), contenders
    alternating, one image per call; the error each run actually reached is measured from its
    attributions and reported beside its time. Ours also runs once on all images in one call,
    for its cost per evaluation when rounds batch many paths.

@@ -2,7 +2,8 @@
 
 * a single ``:explain`` of one JPEG image with default settings, one request at a time: median
   and p95 latency, for the default IG and XRAI requests (``step_count`` 5 as configs/local.yaml's,
-  refined to error 0.05 by default), and IG as Vertex users write it (``step_count`` 50);
+  refined to error 0.05 by default, and IG's map to its estimated error ``map_target`` 0.1 by
+  default: :mod:`explain.parameters`), and IG as Vertex users write it (``step_count`` 50);
 * ``:predict`` throughput with 8 concurrent clients (one JPEG instance per request; the server
   batches concurrent requests) vs calling the SavedModel's ``serving_default`` in this process
   with batches of 8 images: the ratio is what HTTP, JSON, base64 and the server cost.
@@ -148,7 +149,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         "description": ("One JPEG instance per request; `python -m serving --model` in its own process on the same "
                         "cores, called with `httpx` from this process. Explain: one request at a time after a "
                         "warm-up request, parameters sent as `explanationSpecOverride` (only `stepCount`; "
-                        "refinement to error 0.05 is the default). Predict: "
+                        "refinement to error 0.05, and for IG to an estimated map error of 0.1, is the "
+                        "default). Predict: "
                         f"{concurrency} client threads sending requests back to back, alternating with "
                         f"in-process calls of `serving_default` on batches of {batch} images."),
         "tables": [table("A single :explain over HTTP (one image)",

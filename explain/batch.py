@@ -27,6 +27,7 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -279,11 +280,13 @@ def _write_figure(figure_dir: str, key: str, pixels: np.ndarray, prediction: dic
 
 
 def _manifest(input: str, source: Source, num_records: int, shard_size: int, explain: bool,
-              parameters: Mapping[str, Any] | None, model_dir: str) -> dict[str, Any]:
+              parameters: Mapping[str, Any] | None, resolved: Mapping[str, Any] | None,
+              model_dir: str) -> dict[str, Any]:
     files = "\n".join(source.files).encode()
     return {"input": input, "kind": source.kind, "num_files": len(source.files),
             "files_sha256": hashlib.sha256(files).hexdigest(), "num_records": num_records,
-            "shard_size": shard_size, "explain": explain, "parameters": parameters, "model_dir": model_dir}
+            "shard_size": shard_size, "explain": explain, "parameters": parameters,
+            "resolved_parameters": resolved, "model_dir": model_dir}
 
 
 def _check_resume(output_dir: str, manifest: dict[str, Any]) -> None:
@@ -291,7 +294,11 @@ def _check_resume(output_dir: str, manifest: dict[str, Any]) -> None:
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
             previous = json.load(f)
-        for key in ("files_sha256", "num_records", "shard_size", "explain", "parameters"):
+        for key in ("files_sha256", "num_records", "shard_size", "explain", "parameters", "resolved_parameters"):
+            if key not in previous:
+                raise BatchResumeError(
+                    f"{output_dir} holds a run from an earlier version that did not record its {key}: whether its "
+                    f"defaults were today's cannot be told, and resuming could mix two runs: use a new --output_dir")
             if previous.get(key) != manifest[key]:
                 raise BatchResumeError(
                     f"{output_dir} holds a run with another {key} ({previous.get(key)!r}, now {manifest[key]!r}); "
@@ -327,15 +334,18 @@ def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mappi
         from explain.parameters import parse_explanation_parameters
 
         parameters = dict(parameters or DEFAULT_PARAMETERS)
-        parse_explanation_parameters(parameters)  # bad parameters fail before any model work
+        # bad parameters fail before any model work; what they resolve to (the product's defaults
+        # filled in) goes into the manifest, so a run resumed under other defaults cannot mix
+        resolved = json.loads(json.dumps(dataclasses.asdict(parse_explanation_parameters(parameters))))
     else:
-        parameters = None
+        parameters = resolved = None
     started = time.perf_counter()
     source = resolve_input(input, exclude=output_dir)
     num_records = count_records(source)
     num_shards = max(1, -(-num_records // shard_size))
     tf.io.gfile.makedirs(output_dir)
-    _check_resume(output_dir, _manifest(input, source, num_records, shard_size, explain, parameters, model_dir))
+    _check_resume(output_dir, _manifest(input, source, num_records, shard_size, explain, parameters, resolved,
+                                        model_dir))
     done = {s for s in range(num_shards)
             if tf.io.gfile.exists(_join(output_dir, shard_name(RESULTS_PREFIX, s, num_shards)))}
     figure_dir = _join(output_dir, "figures")

@@ -123,7 +123,8 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
                    f"{attribution.max_step_count}); "
                    + ("the rest sits in the narrowest panels, where the first-order estimate over-rates steep "
                       "but smooth stretches" if RESOLUTION in reasons and LIMIT not in reasons else
-                      "raise max_step_count"))
+                      "raise max_step_count")
+                   + "; map_target: null asks for completeness alone")
     if error <= MAX_APPROXIMATION_ERROR:
         return out
     if LIMIT in reasons:

@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from explain.batch import BatchResumeError, explain_batch
+from explain.batch import MANIFEST_FILE, BatchResumeError, explain_batch
 from explain.batch_io import BatchInputError
 from serving.app import ServerConfig
 from serving.backends import ModelDirBackend
@@ -162,6 +162,18 @@ def test_bad_input_and_mismatched_resume_fail_clearly(tmp_path, image_folder, ex
     explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
     with pytest.raises(BatchResumeError, match="explain"):
         explain_batch(str(image_folder), str(out), exported_model_dir, IG, shard_size=4, progress=False)
+    # A run resumed under other defaults (the same request dict, resolved otherwise, as when a
+    # default changes between versions), or one whose manifest predates resolved parameters, is refused.
+    manifest_path = out / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["resolved_parameters"] = {"attribution": {"map_target": 0.5}}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BatchResumeError, match="resolved_parameters"):
+        explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
+    del manifest["resolved_parameters"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BatchResumeError, match="earlier version"):
+        explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
     # The output may sit inside the input folder: its files are not read as input on a rerun.
     inside = image_folder / "explanations"
     first = explain_batch(str(image_folder), str(inside), exported_model_dir, explain=False, progress=False)

@@ -210,7 +210,7 @@ def test_a_map_target_missed_within_the_cap_says_so():
         "step_count": 5, "max_step_count": 12, "map_target": 0.01}}).attribution
     (warning,) = _warnings("up", float(out.approximation_errors[0]), 0.5, 0.0, out.stop_reasons, out.step_counts,
                            config, out.map_errors)
-    assert "estimated map error" in warning and "raise max_step_count" in warning
+    assert "estimated map error" in warning and "raise max_step_count" in warning and "map_target: null" in warning
     assert _warnings("up", 0.0, 0.5, 0.0, np.array([CONVERGED], object), np.array([20]), config,
                      np.array([0.0100001])) == []  # within the float32 recomputation's 1%
 
@@ -440,10 +440,10 @@ def test_path_ends_are_evaluated_once_and_baseline_gradients_are_kept(exported_m
     np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(a.absolute_errors, c.absolute_errors, rtol=1e-4, atol=1e-8)
 
-    # the default, adaptive request on a curved model: the same refinement and attributions
+    # an adaptive request refining the map too on a curved model: the same refinement and attributions
     shared = load_explainable_model(saturating_model.model_dir)
     x, b, classes = _paths(shared, images)
-    kw = dict(step_count=5, target_error=0.01, max_step_count=200)
+    kw = dict(step_count=5, target_error=0.01, max_step_count=200, map_target=0.1)
     a = IntegratedGradients().GetMask(x, b, classes, shared, **kw)
     a = IntegratedGradients().GetMask(x, b, classes, shared, **kw)  # now from the cached baseline
     saturating_model.share_ends = False

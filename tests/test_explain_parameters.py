@@ -79,6 +79,8 @@ def test_ig_refines_its_map_by_default_and_null_asks_for_completeness_alone():
         == DEFAULT_MAP_TARGET
     assert parsed("integrated_gradients_attribution", map_target=None).map_target is None
     assert parsed("integrated_gradients_attribution", mapTarget=None).map_target is None
+    assert vertex_parameters({"integratedGradientsAttribution": {"stepCount": 8, "mapTarget": None}}) == {
+        "integratedGradientsAttribution": {"stepCount": 8}}  # Vertex never sees the opt-out either
     assert parsed("integrated_gradients_attribution", target_error=None).map_target is None  # Vertex's fixed steps
     assert parsed("integrated_gradients_attribution", quadrature="gauss_legendre").map_target is None
     assert parsed("xrai_attribution").map_target is None

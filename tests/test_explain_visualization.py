@@ -67,7 +67,7 @@ def test_xrai_regions_image_and_figure(exported_model_dir, tmp_path):
         assert figure.format == "PNG" and figure.width > 3 * 192
 
 
-def test_cli_writes_figures(exported_model_dir, tmp_path):
+def test_cli_writes_figures(exported_model_dir, tmp_path, monkeypatch):
     files = []
     for i, image in enumerate(smooth_images(2, seed=7)):
         files.append(str(tmp_path / f"flower{i}.jpg"))
@@ -79,9 +79,15 @@ def test_cli_writes_figures(exported_model_dir, tmp_path):
     assert [s["attributions"][0]["outputName"] for s in summary] == ["probabilities"] * 2
     with pytest.raises(ValueError, match="cannot read image file"):
         cli_main(str(tmp_path / "missing.jpg"), model_dir=exported_model_dir, output_dir=str(out))
+    import explain.__main__ as cli
+
+    sent = []
+    real = cli.local_explainer
+    monkeypatch.setattr(cli, "local_explainer", lambda model, parameters: sent.append(parameters) or real(model, parameters))
     plain = cli_main(files[0], model_dir=exported_model_dir, output_dir=str(tmp_path / "plain"), step_count=8,
-                     completeness_only=True)  # map_target: null
+                     completeness_only=True)
     assert [p.split("/")[-1] for p in plain] == ["flower0_ig.png"]
+    assert sent[-1]["integrated_gradients_attribution"] == {"step_count": 8, "map_target": None}
     with pytest.raises(ValueError, match="contradict"):
         cli_main(files[0], model_dir=exported_model_dir, output_dir=str(out), map_target=0.1, completeness_only=True)
 

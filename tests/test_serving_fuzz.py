@@ -44,7 +44,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                                                       st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                       max_leaves=12)
 METHOD_KEYS = ["stepCount", "step_count", "smoothGradConfig", "blurBaselineConfig", "quadrature", "targetError",
-               "maxStepCount", "baseline", "blurPath", "seed"]
+               "maxStepCount", "mapTarget", "baseline", "blurPath", "seed"]
 method_dicts = st.dictionaries(st.sampled_from(METHOD_KEYS), values, max_size=5) | st.fixed_dictionaries(
     {"stepCount": st.integers(1, 100)},
     optional={"smoothGradConfig": st.fixed_dictionaries({"noiseSigma": values},
