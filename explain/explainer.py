@@ -125,19 +125,23 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
                       "but smooth stretches" if RESOLUTION in reasons and LIMIT not in reasons else
                       "raise max_step_count")
                    + "; map_target: null asks for completeness alone")
-    if error <= MAX_APPROXIMATION_ERROR:
+    # Vertex's threshold, or the request's own target_error where it is stricter (a 1% request
+    # that ends at 3% must say so too)
+    limit = min(attribution.target_error or MAX_APPROXIMATION_ERROR, MAX_APPROXIMATION_ERROR)
+    label = f"target_error {limit}" if limit < MAX_APPROXIMATION_ERROR else f"{limit}"
+    if error <= limit:
         return out
     if LIMIT in reasons:
-        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {MAX_APPROXIMATION_ERROR} "
-                   f"after {int(steps.max())} gradient evaluations (max_step_count {attribution.max_step_count}); "
+        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {label} after "
+                   f"{int(steps.max())} gradient evaluations (max_step_count {attribution.max_step_count}); "
                    f"raise max_step_count, or use another baseline")
     elif RESOLUTION in reasons:
-        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {MAX_APPROXIMATION_ERROR} "
+        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {label} "
                    f"after {int(steps.max())} gradient evaluations: the output jumps within "
                    f"1/{round(1 / (2 * MIN_PANEL_WIDTH))} "
                    f"of the path, where its gradient does not show it, so more steps will not help; use another "
                    f"baseline")
-    elif DEGENERATE not in reasons and abs(instance - baseline) >= MIN_OUTPUT_DELTA:
+    elif attribution.target_error is None and DEGENERATE not in reasons and abs(instance - baseline) >= MIN_OUTPUT_DELTA:
         out.append(f"output {name!r}: approximation error {error:.3f} exceeds {MAX_APPROXIMATION_ERROR} with "
                    f"{attribution.step_count} fixed steps; increase step_count, or remove target_error: null "
                    f"to refine the path until it is faithful")

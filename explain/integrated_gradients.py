@@ -218,7 +218,9 @@ class IntegratedGradients:
             default; an IG request's is ``explain.parameters.DEFAULT_MAP_TARGET``). Judged on a group's
             averaged map, the one a user gets (the error of an average of n paths is about
             1/sqrt(n) of one; each path's panels get an equal share of the allowance). A path
-            that cannot meet it within ``max_step_count`` stops as LIMIT, one whose remaining
+            that cannot meet it within ``max_step_count`` stops as LIMIT (completeness first: if
+            its map's splits broke completeness again when the cap stops it, the attribution
+            of the last grid where completeness held is returned), one whose remaining
             estimate sits in the narrowest panels as RESOLUTION (the estimate is first order, so
             steep but smooth stretches can end there).
         """
@@ -345,6 +347,10 @@ class IntegratedGradients:
         members = {g: [q for q in rows if groups[q] == g] for g in set(groups.tolist())}
         group_map_met: dict[int, bool] = {}
         map_allowances: dict[int, float] = {}
+        # completeness first: the last grid of each path at which completeness was met, before its
+        # map panels were split; if the cap then stops it with completeness broken again (a split
+        # moves the sum), that grid's attribution is returned (its nodes are all kept)
+        complete_grids: dict[int, np.ndarray] = {}
         while active:
             points, still = [], []
             panels = {}
@@ -370,6 +376,7 @@ class IntegratedGradients:
                     reasons[r] = LIMIT
                     continue
                 if complete:  # the map's own residuals, against the same kind of allowance
+                    complete_grids[r] = alphas[r].copy()
                     chosen = _panels_to_split(map_sizes[r], widths, map_allowances[int(groups[r])])[:budget]
                 else:
                     chosen = _panels_to_split(res, widths, tolerance)[:budget]
@@ -383,6 +390,12 @@ class IntegratedGradients:
             evaluate(points)
             active = still
 
+        steps = np.array([len(a) for a in alphas])  # what each path cost, whichever grid is returned
+        for r, grid in complete_grids.items():
+            if reasons[r] == LIMIT and abs(residuals(r, np.diff(alphas[r])).sum()) > tolerances[r]:
+                keep = np.isin(alphas[r], grid)
+                alphas[r], slopes[r], values[r] = alphas[r][keep], slopes[r][keep], values[r][keep]
+                vectors[r] = [v for v, k in zip(vectors[r], keep) if k]
         attributions, errors, path_squares = [], [], []
         for r in rows:
             widths = np.diff(alphas[r])
@@ -397,6 +410,5 @@ class IntegratedGradients:
         for group in members.values():  # each path reports the estimate of the map it is averaged into
             map_errors[group] = _map_error(sum(path_squares[q] for q in group),
                                            float(np.abs(sum(attributions[q] for q in group)).sum()))
-        steps = np.array([len(a) for a in alphas])
         return IntegratedGradientsOutput(np.stack(attributions).astype(np.float32), f_x, f_b, np.array(errors),
                                          steps, reasons, map_errors)
