@@ -18,7 +18,13 @@ Why it is shaped this way:
 * Resumable: record ``i`` belongs to shard ``i // shard_size``; a shard is written to temporary
   files and renamed when complete (errors file first, results file last, so the results file is
   the "done" mark). A rerun with the same OUTPUT skips finished shards (their records are read but
-  not decoded) and checks, in ``batch_explain.json``, that input and settings are the same.
+  not decoded) and checks, in ``batch_explain.json``, that input and settings are the same. That
+  manifest is renamed into place too, so a kill -9 never leaves half of one.
+* One writer at a time: on a local OUTPUT a second process is refused while the first holds an
+  advisory ``flock`` on the directory (released by the kernel when its holder dies, even by
+  kill -9), and the holder sweeps the temporary files a killed run left. ``gs://`` has no
+  such lock; there every writer's temporary files carry its own random name, so two writers at
+  once only duplicate work: each shard renamed into place is complete, whichever lands last.
 * Fast: the IG core batches all path steps of a call; several images go to each call, and a
   reader thread reads and decodes the next batch while the model works on this one (TensorFlow
   already uses every core for one model call, so one process is the right number).
@@ -27,7 +33,9 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +45,7 @@ import re
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -54,6 +63,8 @@ from explain.parameters import DEFAULT_ADAPTIVE_START
 RESULTS_PREFIX = "prediction.results"
 ERRORS_PREFIX = "prediction.errors_stats"
 MANIFEST_FILE = "batch_explain.json"
+#: The suffix of every temporary file (see :func:`_temp_name`).
+TEMP_SUFFIX = ".tmp"
 #: What the serving container uses when neither the model nor the request gives parameters.
 DEFAULT_PARAMETERS: dict[str, Any] = {
     "integrated_gradients_attribution": {"step_count": DEFAULT_ADAPTIVE_START}}
@@ -239,7 +250,7 @@ class _ShardWriter:
     def __init__(self, output_dir: str, shard: int, num_shards: int) -> None:
         self.results = _join(output_dir, shard_name(RESULTS_PREFIX, shard, num_shards))
         self.errors = _join(output_dir, shard_name(ERRORS_PREFIX, shard, num_shards))
-        self._tmp = [_join(output_dir, f".{posixpath.basename(p)}.tmp") for p in (self.results, self.errors)]
+        self._tmp = [_temp_name(p) for p in (self.results, self.errors)]
         self._files = [tf.io.gfile.GFile(p, "w") for p in self._tmp]
         self.num_results = self.num_errors = 0
 
@@ -257,6 +268,37 @@ class _ShardWriter:
             f.close()
         tf.io.gfile.rename(self._tmp[1], self.errors, overwrite=True)
         tf.io.gfile.rename(self._tmp[0], self.results, overwrite=True)  # last: marks the shard done
+
+
+def _temp_name(path: str) -> str:
+    """A hidden temporary name beside ``path``, this writer's alone (Vertex's readers and ours
+    glob ``prediction.*``, so they never see it)."""
+    directory, name = (posixpath if "://" in path else os.path).split(path)
+    return _join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def _single_writer(output_dir: str) -> Iterator[None]:
+    """Refuse a second process on a local ``output_dir`` while one writes it, and sweep the
+    temporary files of killed writers (none can be live: the lock is held). ``gs://``: nothing
+    (see the module docstring)."""
+    if "://" in output_dir:
+        yield
+        return
+    directory = os.open(output_dir, os.O_RDONLY)  # the lock is on the directory: no file in Vertex's layout
+    try:
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BatchResumeError(f"{output_dir} is being written by another process: wait for it to finish "
+                                   f"(then rerun to resume) or use another --output_dir") from None
+        for name in os.listdir(output_dir):
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(output_dir, name))
+        yield
+    finally:
+        os.close(directory)  # releases the lock (as the kernel does when a holder dies)
 
 
 def _safe_name(key: str) -> str:
@@ -293,7 +335,13 @@ def _check_resume(output_dir: str, manifest: dict[str, Any]) -> None:
     path = _join(output_dir, MANIFEST_FILE)
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
-            previous = json.load(f)
+            text = f.read()
+        try:
+            previous = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BatchResumeError(
+                f"{path} is not valid JSON ({e}); it records which input and settings the shards in {output_dir} "
+                f"were written with, so they cannot be resumed safely: use a new --output_dir") from None
         for key in ("files_sha256", "num_records", "shard_size", "explain", "parameters", "resolved_parameters"):
             if key not in previous:
                 raise BatchResumeError(
@@ -304,8 +352,10 @@ def _check_resume(output_dir: str, manifest: dict[str, Any]) -> None:
                     f"{output_dir} holds a run with another {key} ({previous.get(key)!r}, now {manifest[key]!r}); "
                     f"resuming would mix two runs: use a new --output_dir")
         return
-    with tf.io.gfile.GFile(path, "w") as f:
+    tmp = _temp_name(path)  # renamed into place: a kill never leaves half a manifest
+    with tf.io.gfile.GFile(tmp, "w") as f:
         json.dump(manifest, f, indent=2)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mapping[str, Any] | None = None,
@@ -344,60 +394,61 @@ def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mappi
     num_records = count_records(source)
     num_shards = max(1, -(-num_records // shard_size))
     tf.io.gfile.makedirs(output_dir)
-    _check_resume(output_dir, _manifest(input, source, num_records, shard_size, explain, parameters, resolved,
-                                        model_dir))
-    done = {s for s in range(num_shards)
-            if tf.io.gfile.exists(_join(output_dir, shard_name(RESULTS_PREFIX, s, num_shards)))}
-    figure_dir = _join(output_dir, "figures")
-    if figures and explain:
-        tf.io.gfile.makedirs(figure_dir)
-    summary = {"output_dir": output_dir, "num_records": num_records, "num_shards": num_shards,
-               "skipped_shards": len(done), "written_shards": 0, "results": 0, "errors": 0}
-    if len(done) == num_shards:
-        print(f"{output_dir}: all {num_shards} shards already done")
+    with _single_writer(output_dir):  # one writer at a time; a killed one's temporary files swept
+        _check_resume(output_dir, _manifest(input, source, num_records, shard_size, explain, parameters, resolved,
+                                            model_dir))
+        done = {s for s in range(num_shards)
+                if tf.io.gfile.exists(_join(output_dir, shard_name(RESULTS_PREFIX, s, num_shards)))}
+        figure_dir = _join(output_dir, "figures")
+        if figures and explain:
+            tf.io.gfile.makedirs(figure_dir)
+        summary = {"output_dir": output_dir, "num_records": num_records, "num_shards": num_shards,
+                   "skipped_shards": len(done), "written_shards": 0, "results": 0, "errors": 0}
+        if len(done) == num_shards:
+            print(f"{output_dir}: all {num_shards} shards already done")
+            summary["seconds"] = round(time.perf_counter() - started, 3)
+            return summary
+
+        engine = engine or Engine(model_dir, explain, parameters)
+        done_records = sum(min(shard_size, num_records - s * shard_size) for s in done)
+        writer: _ShardWriter | None = None
+        writer_shard = -1
+
+        def commit(shard_writer: _ShardWriter) -> None:
+            shard_writer.commit()
+            summary["written_shards"] += 1
+            summary["results"] += shard_writer.num_results
+            summary["errors"] += shard_writer.num_errors
+
+        with tqdm(total=num_records, initial=done_records, desc="explaining" if explain else "predicting",
+                  unit="instance", disable=not progress) as bar:
+            for batch in _prefetched(_batches(source, shard_size, batch_size, done), engine):
+                if writer is not None and writer_shard != batch.shard:
+                    commit(writer)
+                    writer = None
+                if writer is None:
+                    writer, writer_shard = _ShardWriter(output_dir, batch.shard, num_shards), batch.shard
+                predictions = dict(zip(batch.good, engine.run(batch)))
+                rows = {i: row for row, i in enumerate(batch.good)}
+                for i, record in enumerate(batch.records):
+                    line: dict[str, Any] = {}
+                    if not key_only:
+                        line["instance"] = record.instance if record.instance is not None else (
+                            b64_instance(record.image) if record.image is not None else {"key": record.key})
+                    line["key"] = record.key
+                    if i in predictions:
+                        line["prediction"] = predictions[i]
+                        writer.result(line)
+                        if figures and explain:
+                            _write_figure(figure_dir, record.key, batch.pixels[rows[i]], predictions[i])
+                    else:
+                        line["error"] = {"status": "INVALID_ARGUMENT", "message": batch.errors.get(i, "not predicted")}
+                        writer.error(line)
+                bar.update(len(batch.records))
+            if writer is not None:
+                commit(writer)
         summary["seconds"] = round(time.perf_counter() - started, 3)
         return summary
-
-    engine = engine or Engine(model_dir, explain, parameters)
-    done_records = sum(min(shard_size, num_records - s * shard_size) for s in done)
-    writer: _ShardWriter | None = None
-    writer_shard = -1
-
-    def commit(shard_writer: _ShardWriter) -> None:
-        shard_writer.commit()
-        summary["written_shards"] += 1
-        summary["results"] += shard_writer.num_results
-        summary["errors"] += shard_writer.num_errors
-
-    with tqdm(total=num_records, initial=done_records, desc="explaining" if explain else "predicting",
-              unit="instance", disable=not progress) as bar:
-        for batch in _prefetched(_batches(source, shard_size, batch_size, done), engine):
-            if writer is not None and writer_shard != batch.shard:
-                commit(writer)
-                writer = None
-            if writer is None:
-                writer, writer_shard = _ShardWriter(output_dir, batch.shard, num_shards), batch.shard
-            predictions = dict(zip(batch.good, engine.run(batch)))
-            rows = {i: row for row, i in enumerate(batch.good)}
-            for i, record in enumerate(batch.records):
-                line: dict[str, Any] = {}
-                if not key_only:
-                    line["instance"] = record.instance if record.instance is not None else (
-                        b64_instance(record.image) if record.image is not None else {"key": record.key})
-                line["key"] = record.key
-                if i in predictions:
-                    line["prediction"] = predictions[i]
-                    writer.result(line)
-                    if figures and explain:
-                        _write_figure(figure_dir, record.key, batch.pixels[rows[i]], predictions[i])
-                else:
-                    line["error"] = {"status": "INVALID_ARGUMENT", "message": batch.errors.get(i, "not predicted")}
-                    writer.error(line)
-            bar.update(len(batch.records))
-        if writer is not None:
-            commit(writer)
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    return summary
 
 
 def main(input: str, output_dir: str, model_dir: str, method: str = "ig",

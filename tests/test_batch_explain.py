@@ -174,6 +174,10 @@ def test_bad_input_and_mismatched_resume_fail_clearly(tmp_path, image_folder, ex
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(BatchResumeError, match="earlier version"):
         explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
+    # A manifest cut off (by a kill during an earlier version's write in place) is named, not a JSON traceback.
+    manifest_path.write_text(json.dumps(manifest)[:40])
+    with pytest.raises(BatchResumeError, match=f"{MANIFEST_FILE} is not valid JSON"):
+        explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
     # The output may sit inside the input folder: its files are not read as input on a rerun.
     inside = image_folder / "explanations"
     first = explain_batch(str(image_folder), str(inside), exported_model_dir, explain=False, progress=False)
@@ -195,6 +199,10 @@ def test_cli_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, expo
     deadline = time.monotonic() + 120
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    # a second writer while the first runs is refused, naming the first, and touches nothing
+    with pytest.raises(BatchResumeError, match="being written by another process"):
+        explain_batch(str(folder), str(output), exported_model_dir, {"integrated_gradients_attribution": {
+            "step_count": 64}}, shard_size=2, batch_size=1, progress=False)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert first.exists(), process.stderr.read().decode()[-3000:]
@@ -209,4 +217,5 @@ def test_cli_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, expo
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == stamps  # not redone
     keys = [Path(r["key"]).name for r in _all(output, "prediction.results")]
     assert keys == [f"{i:02d}.png" for i in range(16)]  # every instance once, in order
-    assert not list(output.glob(".*.tmp"))  # the killed shard's partial files were redone and renamed
+    assert not list(output.glob(".*.tmp"))  # the killed shard's partial files were swept, the shard redone
+    assert json.loads((output / MANIFEST_FILE).read_text())["num_records"] == 16
