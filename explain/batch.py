@@ -22,9 +22,12 @@ Why it is shaped this way:
   manifest is renamed into place too, so a kill -9 never leaves half of one.
 * One writer at a time: on a local OUTPUT a second process is refused while the first holds an
   advisory ``flock`` on the directory (released by the kernel when its holder dies, even by
-  kill -9), and the holder sweeps the temporary files a killed run left. ``gs://`` has no
-  such lock; there every writer's temporary files carry its own random name, so two writers at
-  once only duplicate work: each shard renamed into place is complete, whichever lands last.
+  kill -9), and the holder sweeps the temporary files a killed run left. ``gs://`` (and a FUSE
+  mount such as ``/gcs``) has no such lock: there every writer's temporary files carry their own
+  random name, and each run re-reads the manifest before committing a shard, so two runs with the
+  same settings at once only duplicate work (each shard renamed into place is complete), and one
+  with other settings stops, saying why. Temporary files a killed ``gs://`` run left stay (hidden,
+  never read).
 * Fast: the IG core batches all path steps of a call; several images go to each call, and a
   reader thread reads and decodes the next batch while the model works on this one (TensorFlow
   already uses every core for one model call, so one process is the right number).
@@ -277,13 +280,27 @@ def _temp_name(path: str) -> str:
     return _join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
 
 
+def _filesystem_type(path: str) -> str:
+    """The type of the filesystem ``path`` is on, from ``/proc/self/mounts`` ("" if unknown)."""
+    path, best, kind = os.path.realpath(path), "", ""
+    with contextlib.suppress(OSError), open("/proc/self/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1].encode().decode("unicode_escape") if len(fields) > 2 else ""
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
 @contextlib.contextmanager
-def _single_writer(output_dir: str) -> Iterator[None]:
+def _single_writer(output_dir: str) -> Iterator[bool]:
     """Refuse a second process on a local ``output_dir`` while one writes it, and sweep the
-    temporary files of killed writers (none can be live: the lock is held). ``gs://``: nothing
-    (see the module docstring)."""
-    if "://" in output_dir:
-        yield
+    temporary files of killed writers (none can be live: every writer holds the lock while it
+    has any). Yields whether the lock is held: not on ``gs://``, nor on a FUSE mount such as
+    Cloud Storage FUSE's ``/gcs`` (a lock there binds one machine only, and sweeping could delete
+    another machine's live files), nor where the filesystem refuses ``flock``."""
+    if "://" in output_dir or _filesystem_type(output_dir).startswith("fuse"):
+        yield False
         return
     directory = os.open(output_dir, os.O_RDONLY)  # the lock is on the directory: no file in Vertex's layout
     try:
@@ -292,11 +309,15 @@ def _single_writer(output_dir: str) -> Iterator[None]:
         except BlockingIOError:
             raise BatchResumeError(f"{output_dir} is being written by another process: wait for it to finish "
                                    f"(then rerun to resume) or use another --output_dir") from None
+        except OSError as e:
+            print(f"{output_dir}: cannot lock it ({e}); going on without keeping other writers out", flush=True)
+            yield False
+            return
         for name in os.listdir(output_dir):
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(output_dir, name))
-        yield
+        yield True
     finally:
         os.close(directory)  # releases the lock (as the kernel does when a holder dies)
 
@@ -331,31 +352,45 @@ def _manifest(input: str, source: Source, num_records: int, shard_size: int, exp
             "resolved_parameters": resolved, "model_dir": model_dir}
 
 
+#: The manifest keys a resume must match (``model_dir`` may move: the same model, copied elsewhere).
+_RESUME_KEYS = ("files_sha256", "num_records", "shard_size", "explain", "parameters", "resolved_parameters")
+
+
 def _check_resume(output_dir: str, manifest: dict[str, Any]) -> None:
+    """Refuse to resume a run with other input or settings; write the manifest of a new run.
+
+    The manifest is renamed into place, never overwritten: where no lock keeps a second writer
+    out (``gs://``, shared mounts), of two runs started at once the second rename fails and that
+    run compares with the first's manifest instead, and the manifest is read back, so a run only
+    goes on under its own settings."""
     path = _join(output_dir, MANIFEST_FILE)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            text = f.read()
+    if not tf.io.gfile.exists(path):
+        tmp = _temp_name(path)  # renamed into place: a kill never leaves half a manifest
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            json.dump(manifest, f, indent=2)
         try:
-            previous = json.loads(text)
-        except json.JSONDecodeError as e:
+            tf.io.gfile.rename(tmp, path, overwrite=False)
+        except tf.errors.AlreadyExistsError:  # another run wrote one first: compare with it
+            tf.io.gfile.remove(tmp)
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    try:
+        previous = json.loads(data)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise BatchResumeError(
+            f"{path} is not valid JSON ({e}); it records which input and settings the shards in {output_dir} "
+            f"were written with, so they cannot be resumed safely: use a new --output_dir") from None
+    if not isinstance(previous, dict):
+        raise BatchResumeError(f"{path} holds {type(previous).__name__}, not a run's manifest: use a new --output_dir")
+    for key in _RESUME_KEYS:
+        if key not in previous:
             raise BatchResumeError(
-                f"{path} is not valid JSON ({e}); it records which input and settings the shards in {output_dir} "
-                f"were written with, so they cannot be resumed safely: use a new --output_dir") from None
-        for key in ("files_sha256", "num_records", "shard_size", "explain", "parameters", "resolved_parameters"):
-            if key not in previous:
-                raise BatchResumeError(
-                    f"{output_dir} holds a run from an earlier version that did not record its {key}: whether its "
-                    f"defaults were today's cannot be told, and resuming could mix two runs: use a new --output_dir")
-            if previous.get(key) != manifest[key]:
-                raise BatchResumeError(
-                    f"{output_dir} holds a run with another {key} ({previous.get(key)!r}, now {manifest[key]!r}); "
-                    f"resuming would mix two runs: use a new --output_dir")
-        return
-    tmp = _temp_name(path)  # renamed into place: a kill never leaves half a manifest
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+                f"{output_dir} holds a run from an earlier version that did not record its {key}: whether its "
+                f"defaults were today's cannot be told, and resuming could mix two runs: use a new --output_dir")
+        if previous[key] != manifest[key]:
+            raise BatchResumeError(
+                f"{output_dir} holds a run with another {key} ({previous[key]!r}, now {manifest[key]!r}); "
+                f"resuming would mix two runs: use a new --output_dir")
 
 
 def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mapping[str, Any] | None = None,
@@ -394,9 +429,9 @@ def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mappi
     num_records = count_records(source)
     num_shards = max(1, -(-num_records // shard_size))
     tf.io.gfile.makedirs(output_dir)
-    with _single_writer(output_dir):  # one writer at a time; a killed one's temporary files swept
-        _check_resume(output_dir, _manifest(input, source, num_records, shard_size, explain, parameters, resolved,
-                                            model_dir))
+    with _single_writer(output_dir) as locked:  # one writer at a time; a killed one's temporary files swept
+        manifest = _manifest(input, source, num_records, shard_size, explain, parameters, resolved, model_dir)
+        _check_resume(output_dir, manifest)
         done = {s for s in range(num_shards)
                 if tf.io.gfile.exists(_join(output_dir, shard_name(RESULTS_PREFIX, s, num_shards)))}
         figure_dir = _join(output_dir, "figures")
@@ -415,6 +450,8 @@ def explain_batch(input: str, output_dir: str, model_dir: str, parameters: Mappi
         writer_shard = -1
 
         def commit(shard_writer: _ShardWriter) -> None:
+            if not locked:  # another run may have started on this output since: never commit into it
+                _check_resume(output_dir, manifest)
             shard_writer.commit()
             summary["written_shards"] += 1
             summary["results"] += shard_writer.num_results

@@ -174,15 +174,55 @@ def test_bad_input_and_mismatched_resume_fail_clearly(tmp_path, image_folder, ex
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(BatchResumeError, match="earlier version"):
         explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
-    # A manifest cut off (by a kill during an earlier version's write in place) is named, not a JSON traceback.
-    manifest_path.write_text(json.dumps(manifest)[:40])
-    with pytest.raises(BatchResumeError, match=f"{MANIFEST_FILE} is not valid JSON"):
-        explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
+    # A manifest cut off (by a kill during an earlier version's write in place) or otherwise not one
+    # is named, not a traceback.
+    for broken, message in ((json.dumps(manifest)[:40].encode(), "is not valid JSON"),
+                            (b"\xff\xfe\x00garbage", "is not valid JSON"), (b"null", "holds NoneType")):
+        manifest_path.write_bytes(broken)
+        with pytest.raises(BatchResumeError, match=f"{MANIFEST_FILE} {message}"):
+            explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4,
+                          progress=False)
     # The output may sit inside the input folder: its files are not read as input on a rerun.
     inside = image_folder / "explanations"
     first = explain_batch(str(image_folder), str(inside), exported_model_dir, explain=False, progress=False)
+    # a killed run's temporary shard file is swept by the next run (it holds the lock, so none is live)
+    orphan = inside / ".prediction.results-00000-of-00001.0123456789ab.tmp"
+    orphan.write_text('{"half": ')
     again = explain_batch(str(image_folder), str(inside), exported_model_dir, explain=False, progress=False)
     assert first["num_records"] == again["num_records"] == 7 and again["skipped_shards"] == 1
+    assert not orphan.exists()
+
+
+def test_unlocked_outputs_never_commit_into_a_run_with_other_settings(tmp_path, image_folder, exported_model_dir):
+    """Where no lock keeps a second writer out (``gs://``; here TensorFlow's in-memory ``ram://``
+    filesystem, which takes the same path), every shard is committed only after the manifest is
+    read back: a run with other settings that took the output over meanwhile stops this one."""
+    from explain.batch import Engine
+
+    out = f"ram://batch-{tmp_path.name}/out"
+    summary = explain_batch(str(image_folder), out, exported_model_dir, explain=False, shard_size=4, progress=False)
+    assert summary["written_shards"] == 2 and tf.io.gfile.exists(f"{out}/prediction.results-00001-of-00002")
+    with pytest.raises(BatchResumeError, match="another shard_size"):
+        explain_batch(str(image_folder), out, exported_model_dir, explain=False, shard_size=3, progress=False)
+
+    class TakenOver(Engine):
+        """The real engine; after its first batch another run (shard_size 3) replaces the manifest."""
+
+        def run(self, batch):
+            predictions = super().run(batch)
+            with tf.io.gfile.GFile(manifest, "r") as f:
+                other = json.load(f) | {"shard_size": 3}
+            tf.io.gfile.remove(manifest)  # ram:// does not truncate a file opened for writing
+            with tf.io.gfile.GFile(manifest, "w") as f:
+                json.dump(other, f)
+            return predictions
+
+    out2 = f"ram://batch-{tmp_path.name}/out2"
+    manifest = f"{out2}/{MANIFEST_FILE}"
+    with pytest.raises(BatchResumeError, match="another shard_size"):
+        explain_batch(str(image_folder), out2, exported_model_dir, explain=False, shard_size=4, batch_size=4,
+                      progress=False, engine=TakenOver(exported_model_dir, False, None))
+    assert not tf.io.gfile.glob(f"{out2}/prediction.results-*")  # nothing committed into the other run
 
 
 def test_cli_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, exported_model_dir):
@@ -199,7 +239,8 @@ def test_cli_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, expo
     deadline = time.monotonic() + 120
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    # a second writer while the first runs is refused, naming the first, and touches nothing
+    # a second writer while the first runs is refused, saying why
+    assert process.poll() is None, process.stderr.read().decode()[-3000:]
     with pytest.raises(BatchResumeError, match="being written by another process"):
         explain_batch(str(folder), str(output), exported_model_dir, {"integrated_gradients_attribution": {
             "step_count": 64}}, shard_size=2, batch_size=1, progress=False)
