@@ -120,7 +120,7 @@ def request_defaults() -> dict:
         "XRAI_MIN_START")}
 
 
-FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_images=12, xrai_images=8,
+FULL = Profile(name="full", num_train=3670, num_eval=367, train_epochs=15, ig_images=12, xrai_images=12,
                ig_ladder=(16, 32, 50, 64, 100, 128, 200, 400, 600), training_epochs=15, training_shards=1,
                quality_images=12, pic_images=4, sanity_images=4)
 
