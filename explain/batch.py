@@ -306,18 +306,18 @@ def _single_writer(output_dir: str) -> Iterator[bool]:
     try:
         try:
             fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise BatchResumeError(f"{output_dir} is being written by another process: wait for it to finish "
                                    f"(then rerun to resume) or use another --output_dir") from None
         except OSError as e:
             print(f"{output_dir}: cannot lock it ({e}); going on without keeping other writers out", flush=True)
-            yield False
-            return
-        for name in os.listdir(output_dir):
-            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(output_dir, name))
-        yield True
+            locked = False
+        orphans = [n for n in os.listdir(output_dir) if n.startswith(".") and n.endswith(TEMP_SUFFIX)] if locked else []
+        for name in orphans:  # no writer can be live while the lock is held
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(output_dir, name))
+        yield locked
     finally:
         os.close(directory)  # releases the lock (as the kernel does when a holder dies)
 
