@@ -62,8 +62,9 @@ def _worker(name: str, args: argparse.Namespace, profile: str, figures_dir: str)
 
 
 def _previous(path: str, profile: dict, build: dict, rerun: list[str]) -> dict:
-    """The last run's comparisons that are still valid: same backbone build, same data and
-    classifier sizes, and none of the comparison's own profile fields changed. Each dropped
+    """The last run's comparisons that are still valid: the same trained model (its export's
+    fingerprint: the same recipes rebuilt on another machine train other weights), same backbone
+    recipe, same data and classifier sizes, and none of the comparison's own profile fields changed. Each dropped
     comparison is named with the reason, so ``--only`` never loses a result silently."""
     from bench.profiles import ASSET_FIELDS, COMPARISON_FIELDS
 
@@ -77,8 +78,10 @@ def _previous(path: str, profile: dict, build: dict, rerun: list[str]) -> dict:
         if name in rerun:
             continue
         ran_with = result.get("profile") or old.get("profile") or {}
-        if (old.get("build") or {}).get("backbone", {}).get("recipe") != build.get("backbone", {}).get("recipe"):
-            changed = ["the backbone recipe"]
+        if (old.get("build") or {}).get("model_fingerprint") != build.get("model_fingerprint"):
+            changed = ["trained model (another build: its export's fingerprint differs or was not recorded)"]
+        elif (old.get("build") or {}).get("backbone", {}).get("recipe") != build.get("backbone", {}).get("recipe"):
+            changed = ["backbone recipe"]
         else:
             fields = dict.fromkeys((*ASSET_FIELDS, *COMPARISON_FIELDS.get(name, ())))
             changed = [k for k in fields if ran_with.get(k) != profile.get(k)]

@@ -62,6 +62,18 @@ class Assets:
         """The exported SavedModel (three signatures, labels, explanation metadata)."""
         return os.path.join(self.root, "model")
 
+    def fingerprint(self) -> str | None:
+        """The export's identity: a digest of its SavedModel fingerprint (TensorFlow's hashes of the
+        graph and of the weights). The same recipe built on another machine trains other weights
+        (float rounding differs across CPUs), so results are comparable only on equal fingerprints."""
+        import hashlib
+
+        path = os.path.join(self.model_dir, "fingerprint.pb")
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+
     def build_info(self) -> dict:
         with open(os.path.join(self.root, _DONE)) as f:
             return json.load(f)
@@ -99,6 +111,7 @@ def ensure_assets(profile: Profile, cache_dir: str = CACHE_DIR) -> tuple[Assets,
         info = assets.build_info()
         info["backbone"] = backbone
         info["reused"] = True
+        info["model_fingerprint"] = assets.fingerprint()
         return assets, info
     os.makedirs(assets.root, exist_ok=True)
     print(f"[bench] building the {profile.name} data and model under {assets.root} (once; cached)", flush=True)
@@ -117,4 +130,4 @@ def ensure_assets(profile: Profile, cache_dir: str = CACHE_DIR) -> tuple[Assets,
     info = {"key": key, "seconds": seconds, "validation_accuracy": metrics["accuracy"]}
     with open(done, "w") as f:
         json.dump(info, f, indent=2)
-    return assets, dict(info, backbone=backbone, reused=False)
+    return assets, dict(info, backbone=backbone, reused=False, model_fingerprint=assets.fingerprint())

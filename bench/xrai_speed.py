@@ -1,5 +1,6 @@
 """2. XRAI per image: ours (``explain_images`` with the default XRAI request: IG from black and
-white baselines, refined to approximation error 0.05, batched) vs ``saliency.XRAI`` with its
+white baselines, refined to approximation error 0.05 and its segments' mean attributions to the
+default ``map_target``, batched) vs ``saliency.XRAI`` with its
 defaults (100 Riemann steps per baseline, one image per model call), and how well our most
 important regions agree with an ACCURATE ``saliency.XRAI``: one run at the smallest step count of
 a ladder (100, 200, 400) at which its own IG error, measured from the completeness of its
@@ -45,6 +46,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     from scipy.stats import spearmanr
 
     from explain import explain_images, load_explainable_model
+    from explain.parameters import DEFAULT_MAP_TARGET
 
     ours = load_explainable_model(assets.model_dir)
     reference = SignatureModel(assets.model_dir)
@@ -142,8 +144,10 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         "title": "2. XRAI per image",
         "description": (f"{len(data.images)} validation images, explaining the predicted class. Ours: "
                         f"`explain_images` with `xrai_attribution.step_count={profile.xrai_steps}` and nothing "
-                        f"else (refined to approximation error {TARGET}: IG from black and white baselines in "
-                        f"batched calls, then the region ranking), including its Vertex-style JPEG rendering; "
+                        f"else (refined to approximation error {TARGET}, and each segment's mean attribution, "
+                        f"which the regions are ranked by, to the default map_target {DEFAULT_MAP_TARGET}: IG "
+                        f"from black and white baselines in batched calls, then the region ranking), including "
+                        f"its Vertex-style JPEG rendering; "
                         f"its model is loaded once, as a server's, so the two paths' shared input is evaluated "
                         f"once and each baseline's gradient for a class is computed on first use and kept. "
                         f"Timed against `saliency.core.XRAI().GetMask` with its defaults ({default_steps} "

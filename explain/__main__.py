@@ -34,8 +34,8 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
       fixed_steps: exactly step_count steps, no refinement (Vertex's own semantics).
       max_step_count: extension: the most gradient evaluations one path may cost (default 400).
       map_target: extension: also refine until each map's estimated relative L1 error is at most
-        this (default explain.parameters.DEFAULT_MAP_TARGET for IG, none for XRAI: completeness
-        alone cannot see pixels that cancel in the sum).
+        this (default explain.parameters.DEFAULT_MAP_TARGET; XRAI's judged on its segments'
+        mean attributions: completeness alone cannot see pixels that cancel in the sum).
       completeness_only: refine to target_error alone, no map_target (``map_target: null``).
       top_k: classes explained per image (figures show the first).
     """

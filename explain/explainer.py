@@ -20,7 +20,7 @@ from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodCon
                                 ExplanationParametersError, parse_explanation_parameters, start_step_count)
 from explain.paths import LINEAR, SCALE_SPACE, gaussian_blur
 from explain.visualization import encode_jpeg_b64, parse_visualization, render_attribution
-from explain.xrai import XRAI, segment
+from explain.xrai import XRAI, region_means, segment
 
 #: Vertex: "if the approximation error exceeds 5%, increase the step count".
 MAX_APPROXIMATION_ERROR = 0.05
@@ -218,11 +218,22 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
     # XRAI's segmentation runs in the background while IG runs; an error or a cancellation
     # cancels the segmentations not started
     segments = _segment_in_background(images) if attribution.method == XRAI_METHOD else {}
+    # XRAI's map target is judged on what XRAI ranks: each segment's mean attribution
+    map_features = None
+    if segments and attribution.map_target is not None:
+        summaries: dict[int, Any] = {}
+
+        def map_features(row: int, vector: np.ndarray) -> np.ndarray:
+            i = keys[row][0]
+            if i not in summaries:  # first use is after IG's first round; segmentation ran meanwhile
+                summaries[i] = region_means(segments[i].result())
+            return summaries[i](vector)
     try:
         ig = IntegratedGradients().GetMask(
             flat_ends[x_rows], flat_starts[b_rows], classes, model, step_count=start_step_count(attribution),
             quadrature=attribution.quadrature, target_error=attribution.target_error,
-            max_step_count=attribution.max_step_count, map_target=attribution.map_target, path=path,
+            max_step_count=attribution.max_step_count, map_target=attribution.map_target,
+            map_features=map_features, path=path,
             max_blur_sigma=blur.max_blur_sigma if blur else 0.0,
             end_outputs=(end_probs[x_rows, classes], start_probs[b_rows, classes]), min_output_gap=MIN_OUTPUT_DELTA,
             path_groups=np.arange(len(keys)) // (samples * num_baselines))  # the paths averaged into one attribution

@@ -17,7 +17,7 @@ so the steps go where the model's output changes fast along the path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -187,7 +187,8 @@ class IntegratedGradients:
                 target_error: float | None = None, max_step_count: int = 400, path: str = LINEAR,
                 max_blur_sigma: float = 0.0, end_outputs: tuple[np.ndarray, np.ndarray] | None = None,
                 min_output_gap: float = 0.0, path_groups: np.ndarray | None = None,
-                map_target: float | None = None) -> IntegratedGradientsOutput:
+                map_target: float | None = None,
+                map_features: Callable[[int, np.ndarray], np.ndarray] | None = None) -> IntegratedGradientsOutput:
         """Attributions for the paths ``baselines[r] -> x_values[r]`` explaining output
         ``class_indices[r]``.
 
@@ -223,6 +224,12 @@ class IntegratedGradients:
             of the last grid where completeness held is returned), one whose remaining
             estimate sits in the narrowest panels as RESOLUTION (the estimate is first order, so
             steep but smooth stretches can end there).
+          map_features: what ``map_target`` judges, when the user reads the map through a linear
+            summary of it: ``map_features(r, v)`` maps path ``r``'s integrand vector ``v`` (an
+            attribution, too) to the summary's features, and the estimate is taken on them
+            instead of on the pixels (XRAI ranks regions by their mean attribution:
+            :func:`explain.xrai.region_means`). Called once per grid point, after the first
+            round's evaluations. Default: the pixels themselves.
         """
         x_values = np.asarray(x_values, np.float32)
         baselines = np.asarray(baselines, np.float32)
@@ -252,7 +259,7 @@ class IntegratedGradients:
         if target_error is None:
             return self._fixed(rows, classes, f_x, f_b, degenerate, step_count, quadrature, batch)
         return self._adaptive(rows, f_x, f_b, degenerate, target_error * mean_gap, groups, step_count,
-                              max_step_count, batch, map_target)
+                              max_step_count, batch, map_target, map_features)
 
     @staticmethod
     def _fixed(rows, classes, f_x, f_b, degenerate, step_count, quadrature, batch) -> IntegratedGradientsOutput:
@@ -271,7 +278,7 @@ class IntegratedGradients:
 
     @staticmethod
     def _adaptive(rows, f_x, f_b, degenerate, tolerances, groups, step_count, max_step_count,
-                  batch, map_target=None) -> IntegratedGradientsOutput:
+                  batch, map_target=None, map_features=None) -> IntegratedGradientsOutput:
         """Trapezoid grids refined by bisection where the local completeness residual is large
         (and, with ``map_target``, where the map's is: :func:`_map_error`)."""
         first = np.where(degenerate, min(max(step_count, 2), DEGENERATE_STEP_COUNT), max(step_count, 2))
@@ -283,8 +290,11 @@ class IntegratedGradients:
         slopes: list[np.ndarray] = [np.zeros(0) for _ in rows]
         values: list[np.ndarray] = [np.zeros(0) for _ in rows]
 
-        # with map_target, per path: the running trapezoid map, the per-pixel sum of the panels'
-        # squared map residuals, and each panel's residual L1 (kept up to date split by split)
+        # with map_target, per path: each grid point's map features (the vector itself unless
+        # map_features summarizes it), the running trapezoid map of them, the per-feature sum of
+        # the panels' squared map residuals, and each panel's residual L1 (kept up to date split by split)
+        features: list[list[np.ndarray]] = [[] for _ in rows]
+        featurize = (lambda r, v: v) if map_features is None else map_features
         maps: list[np.ndarray | None] = [None for _ in rows]
         squares: list[np.ndarray | None] = [None for _ in rows]
         map_sizes: list[np.ndarray] = [np.zeros(0) for _ in rows]
@@ -292,7 +302,7 @@ class IntegratedGradients:
         def account(r: int, i: int, sign: float) -> None:
             """Add (``sign`` 1) or remove (-1) panel ``i`` of path ``r`` in the map bookkeeping."""
             width = alphas[r][i + 1] - alphas[r][i]
-            start, end = vectors[r][i], vectors[r][i + 1]
+            start, end = features[r][i], features[r][i + 1]
             residual = _map_residual(width, start, end)
             if sign > 0:
                 map_sizes[r] = np.insert(map_sizes[r], i, residual.sum())
@@ -314,6 +324,8 @@ class IntegratedGradients:
                     map_sizes[r] = np.delete(map_sizes[r], i - 1)
                 alphas[r] = np.insert(alphas[r], i, a)
                 vectors[r].insert(i, result.group_attributions[k])
+                if maps[r] is not None:
+                    features[r].insert(i, np.asarray(featurize(r, vectors[r][i]), np.float32))
                 slopes[r] = np.insert(slopes[r], i, result.node_derivatives[k])
                 values[r] = np.insert(values[r], i, result.node_outputs[k])
                 if split:
@@ -323,8 +335,9 @@ class IntegratedGradients:
         evaluate([(r, float(a)) for r in rows for a in grids[r]])
         if map_target is not None:
             for r in rows:
-                maps[r] = np.zeros(vectors[r][0].shape, np.float32)
-                squares[r] = np.zeros(vectors[r][0].shape, np.float32)
+                features[r] = [np.asarray(featurize(r, v), np.float32) for v in vectors[r]]
+                maps[r] = np.zeros(features[r][0].shape, np.float32)
+                squares[r] = np.zeros(features[r][0].shape, np.float32)
                 for i in range(len(alphas[r]) - 1):
                     account(r, i, 1.0)
         for r in rows:  # the ends' outputs are known exactly; use them, not float32 recomputations
@@ -341,6 +354,11 @@ class IntegratedGradients:
         # its summed allowance, even if one of its paths is still over its own share
         group_tolerances = np.bincount(groups, tolerances)
         errors_now = np.zeros(len(rows))
+
+        def complete(r: int, group_errors: np.ndarray) -> bool:
+            """Path ``r`` is complete: its own error, or its group's summed error, is within allowance."""
+            return bool(errors_now[r] <= tolerances[r] or group_errors[groups[r]] <= group_tolerances[groups[r]])
+
         # the map a user gets is the group's average, so map_target is judged on it: its error
         # per pixel is the average of the paths' (squares add, then over n squared) against the
         # average map, and each path's panels get an equal share of the allowance
@@ -367,15 +385,15 @@ class IntegratedGradients:
             for r in active:
                 widths, res = panels[r]
                 tolerance = tolerances[r]
-                complete = abs(res.sum()) <= tolerance or group_errors[groups[r]] <= group_tolerances[groups[r]]
+                is_complete = complete(r, group_errors)
                 map_met = map_target is None or group_map_met[int(groups[r])]
-                if complete and map_met:
+                if is_complete and map_met:
                     continue
                 budget = int(cap[r] - len(alphas[r]))
                 if budget <= 0:
                     reasons[r] = LIMIT
                     continue
-                if complete:  # the map's own residuals, against the same kind of allowance
+                if is_complete:  # the map's own residuals, against the same kind of allowance
                     complete_grids[r] = alphas[r].copy()
                     chosen = _panels_to_split(map_sizes[r], widths, map_allowances[int(groups[r])])[:budget]
                 else:
@@ -391,24 +409,32 @@ class IntegratedGradients:
             active = still
 
         steps = np.array([len(a) for a in alphas])  # what each path cost, whichever grid is returned
-        for r, grid in complete_grids.items():
-            if reasons[r] == LIMIT and abs(residuals(r, np.diff(alphas[r])).sum()) > tolerances[r]:
+        for r in rows:
+            errors_now[r] = abs(residuals(r, np.diff(alphas[r])).sum())
+        final_group_errors = np.bincount(groups, errors_now, minlength=len(group_tolerances))
+        for r, grid in complete_grids.items():  # by the same rule as the refinement's
+            if reasons[r] == LIMIT and not complete(r, final_group_errors):
                 keep = np.isin(alphas[r], grid)
                 alphas[r], slopes[r], values[r] = alphas[r][keep], slopes[r][keep], values[r][keep]
                 vectors[r] = [v for v, k in zip(vectors[r], keep) if k]
-        attributions, errors, path_squares = [], [], []
+                if maps[r] is not None:
+                    features[r] = [v for v, k in zip(features[r], keep) if k]
+        attributions, errors, summaries, path_squares = [], [], [], []
         for r in rows:
             widths = np.diff(alphas[r])
             weights = np.zeros(len(alphas[r]))
             weights[:-1] += widths / 2
             weights[1:] += widths / 2
-            nodes = np.stack(vectors[r])
-            attributions.append(np.tensordot(weights.astype(np.float32), nodes, axes=1))
+            weights = weights.astype(np.float32)
+            pixels = np.stack(vectors[r])
+            attributions.append(np.tensordot(weights, pixels, axes=1))
             errors.append(abs(residuals(r, widths).sum()))
+            nodes = pixels if map_features is None or maps[r] is None else np.stack(features[r])
+            summaries.append(attributions[-1] if nodes is pixels else np.tensordot(weights, nodes, axes=1))
             path_squares.append(_grid_squares(nodes, widths))
         map_errors = np.zeros(len(rows))
         for group in members.values():  # each path reports the estimate of the map it is averaged into
             map_errors[group] = _map_error(sum(path_squares[q] for q in group),
-                                           float(np.abs(sum(attributions[q] for q in group)).sum()))
+                                           float(np.abs(sum(summaries[q] for q in group)).sum()))
         return IntegratedGradientsOutput(np.stack(attributions).astype(np.float32), f_x, f_b, np.array(errors),
                                          steps, reasons, map_errors)

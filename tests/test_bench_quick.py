@@ -125,6 +125,27 @@ def test_the_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 SMOKE = list(COMPARISONS) if os.environ.get("BENCH_SMOKE_ALL") == "1" else ["ig_speed", "ig_maps"]
 
 
+def test_only_keeps_a_last_run_comparison_only_if_it_measured_the_same_trained_model(tmp_path, capsys):
+    """``--only`` merges the other comparisons from the last run: not when the model was rebuilt
+    (the same recipes train other weights on another machine), nor when that is unknown."""
+    from bench.__main__ import _previous
+
+    profile = QUICK.as_dict()
+    build = {"model_fingerprint": "aaaa", "backbone": {"recipe": {"version": 2}}}
+    path = tmp_path / "results.json"
+
+    def kept(old_build: dict) -> list[str]:
+        path.write_text(json.dumps({"build": old_build, "profile": profile,
+                                    "comparisons": {"serving": {"profile": profile}, "ig_speed": {}}}))
+        return sorted(_previous(str(path), profile, build, rerun=["ig_speed"]))
+
+    assert kept(build) == ["serving"]
+    assert kept(dict(build, model_fingerprint="bbbb")) == []
+    assert "another build" in capsys.readouterr().out
+    assert kept({k: v for k, v in build.items() if k != "model_fingerprint"}) == []
+    assert kept(dict(build, backbone={"recipe": {"version": 1}})) == []
+
+
 def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
     """``python -m bench --quick`` runs the comparisons and writes the report, JSON and figures
     (on the shared backbone, built by the fixture, not under the subprocess's lock wait)."""

@@ -183,6 +183,20 @@ def test_the_map_error_is_estimated_and_map_target_refines_what_completeness_can
         ig.GetMask(x, b, np.array([0]), model, step_count=5, map_target=0.1)  # fixed steps cannot refine
 
 
+def test_map_target_judges_the_summary_a_user_reads_when_map_features_gives_one():
+    """The two pixels' waves cancel in their sum: judged on the pixels the map needs refining, on a
+    summary that sums them (as XRAI averages a segment) it is already exact at 5 points, and the
+    error each path reports is the summary's."""
+    x, b = np.ones((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    ig, model = IntegratedGradients(), _CancellingModel()
+    pixels = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01, map_target=0.02)
+    summed = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01, map_target=0.02,
+                        map_features=lambda r, v: np.asarray(v).reshape(-1, 2).sum(axis=1))
+    assert pixels.step_counts[0] > 5
+    assert list(summed.stop_reasons) == [CONVERGED] and summed.step_counts[0] == 5
+    assert summed.map_errors[0] < 1e-6 and pixels.map_errors[0] > 1e-3
+
+
 class _SymmetricCurveModel:
     """Two pixels whose integrands are h/2 +- w along the path: h = 1 + cos(pi alpha) / 2 makes the
     trapezoid's panel residuals cancel in pairs on any grid symmetric about 1/2 (completeness holds
@@ -224,6 +238,39 @@ def test_completeness_comes_first_when_map_splits_break_it_at_the_cap():
                       map_target=0.01)
     assert list(done.stop_reasons) == [CONVERGED] and done.approximation_errors[0] <= 0.001
     assert done.map_errors[0] <= 0.0101 and done.step_counts[0] > 7
+
+
+class _HalfWavyPairModel(_SymmetricCurveModel):
+    """Path 0 is :class:`_SymmetricCurveModel`'s; path 1 has the same output and no map wave."""
+
+    def path_gradients(self, batch):
+        a = batch.alphas.astype(np.float64)
+        h = 1 + 0.5 * np.cos(np.pi * a)
+        w = np.where((a < 0.5) & (batch.node_rows == 0), np.sin(6 * np.pi * a), 0.0)
+        nodes = np.stack([h / 2 + w, h / 2 - w], axis=1)
+        attributions = np.zeros((batch.num_groups, 2))
+        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * nodes)
+        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), h.astype(np.float32),
+                          (a + 0.5 * np.sin(np.pi * a) / np.pi).astype(np.float32))
+
+
+def test_completeness_first_at_the_cap_judges_a_group_as_the_refinement_does():
+    """Two paths averaged into one attribution: at the cap, path 0's map splits left it over its
+    own share of the allowance, but the group's summed error is within the group's. The group is
+    complete by the refinement's rule, so its refined grid (the better map) is kept; rolling it
+    back to the 5-point grid, as a check of the path's own share alone did, cost the map."""
+    x, b = np.ones((2, 1, 1, 2), np.float32), np.zeros((2, 1, 1, 2), np.float32)
+    out = IntegratedGradients().GetMask(x, b, np.array([0, 0]), _HalfWavyPairModel(), step_count=5,
+                                        target_error=0.005, max_step_count=7, map_target=0.01,
+                                        path_groups=np.array([0, 0]))
+    assert list(out.stop_reasons) == [LIMIT, LIMIT] and list(out.step_counts) == [7, 7]
+    gaps = np.abs(out.instance_outputs - out.baseline_outputs)
+    assert out.approximation_errors[0] > 0.005  # over its own share ...
+    assert out.absolute_errors.sum() / gaps.sum() <= 0.005  # ... within the group's: kept
+    five = IntegratedGradients().GetMask(x, b, np.array([0, 0]), _HalfWavyPairModel(), step_count=5,
+                                         target_error=0.005, max_step_count=5, map_target=0.01,
+                                         path_groups=np.array([0, 0]))
+    assert out.map_errors[0] < five.map_errors[0]  # the refined grid's map, not the 5-point one's
 
 
 def test_a_stricter_target_error_missed_under_vertexs_threshold_says_so():

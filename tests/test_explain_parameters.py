@@ -65,10 +65,10 @@ def test_vertex_defaults_and_extensions_are_stripped_for_vertex():
     assert vertex_parameters(ours) == {"integrated_gradients_attribution": {"step_count": 8}}
 
 
-def test_ig_refines_its_map_by_default_and_null_asks_for_completeness_alone():
-    """IG's default request is held to DEFAULT_MAP_TARGET (completeness alone left its maps far from
-    the integral); ``map_target: null`` (or camelCase ``mapTarget``) turns it off; XRAI and fixed
-    steps have none unless asked."""
+def test_both_methods_refine_their_maps_by_default_and_null_asks_for_completeness_alone():
+    """IG's and XRAI's default requests are held to DEFAULT_MAP_TARGET (completeness alone left IG's
+    maps far from the integral and XRAI's regions off the reference's); ``map_target: null`` (or
+    camelCase ``mapTarget``) turns it off; fixed steps have none."""
     from explain.parameters import DEFAULT_MAP_TARGET
 
     def parsed(method: str, **spec):
@@ -83,8 +83,10 @@ def test_ig_refines_its_map_by_default_and_null_asks_for_completeness_alone():
         "integratedGradientsAttribution": {"stepCount": 8}}  # Vertex never sees the opt-out either
     assert parsed("integrated_gradients_attribution", target_error=None).map_target is None  # Vertex's fixed steps
     assert parsed("integrated_gradients_attribution", quadrature="gauss_legendre").map_target is None
-    assert parsed("xrai_attribution").map_target is None
+    assert parsed("xrai_attribution").map_target == DEFAULT_MAP_TARGET
     assert parsed("xrai_attribution", map_target=0.2).map_target == 0.2
+    assert parsed("xrai_attribution", map_target=None).map_target is None
+    assert parsed("xrai_attribution", target_error=None).map_target is None
 
 
 def test_refinement_to_vertex_threshold_is_the_default_and_can_be_turned_off():

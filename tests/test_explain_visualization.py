@@ -105,6 +105,20 @@ def test_xrai_segments_are_exactly_saliencys_with_each_mask_dilated_in_its_box()
         assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
 
 
+def test_xrai_region_means_are_each_segments_mean_per_channel():
+    from explain.xrai import region_means, segment
+
+    image = smooth_images(1, seed=7)[0]
+    masks = segment(image)
+    attribution = np.random.default_rng(5).normal(size=image.shape).astype(np.float32)
+    means = region_means(masks)(attribution)
+    assert means.shape == (len(masks), 3)
+    expected = [attribution[m].mean(axis=0) if m.any() else np.zeros(3) for m in masks]  # saliency keeps empty ones
+    np.testing.assert_allclose(means, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="segment"):
+        region_means([])
+
+
 def test_xrai_region_ranking_is_exactly_saliencys():
     """Our sparse greedy ranking returns saliency's ``_xrai`` gains and ranks bit for bit: on its own
     segments of shapes and of noise, for smooth, noisy, tied (constant) and partial-area cases."""

@@ -144,6 +144,43 @@ def test_xrai_top_regions_cover_the_flower(model_images_masks):
     assert np.median(lifts) > 2.0, lifts
 
 
+def test_xrai_refines_the_region_means_it_ranks_by_default_on_the_trained_model(model_images_masks):
+    """XRAI's default request carries DEFAULT_MAP_TARGET, judged on each segment's mean attribution
+    (what its regions are ranked by): the IG core's estimate on that summary meets it wherever the
+    path converged, it is below the pixels' estimate of the same grid (errors that average out
+    within a segment cannot move a region), and ``mapTarget: null`` asks for completeness alone."""
+    from explain.xrai import region_means, segment
+
+    model, images, _ = model_images_masks
+    x = np.repeat(images[:1], 2, axis=0)
+    c = model.predict(x[:1]).argmax(axis=1)
+    baselines = np.stack([np.zeros_like(x[0]), np.ones_like(x[0])])
+    summary = region_means(segment(x[0]))
+    ig = IntegratedGradients()
+    common = dict(step_count=17, target_error=0.05, path_groups=np.array([0, 0]))
+    regions = ig.GetMask(x, baselines, np.repeat(c, 2), model, map_target=DEFAULT_MAP_TARGET,
+                         map_features=lambda r, v: summary(v), **common)
+    assert all(e <= 1.01 * DEFAULT_MAP_TARGET or r != "converged"
+               for e, r in zip(regions.map_errors, regions.stop_reasons))
+    # a target every grid meets leaves completeness alone to shape the grid: the same grid, judged both ways
+    loose_regions = ig.GetMask(x, baselines, np.repeat(c, 2), model, map_target=1.0,
+                               map_features=lambda r, v: summary(v), **common)
+    loose_pixels = ig.GetMask(x, baselines, np.repeat(c, 2), model, map_target=1.0, **common)
+    assert list(loose_regions.step_counts) == list(loose_pixels.step_counts)
+    np.testing.assert_array_equal(loose_regions.attributions, loose_pixels.attributions)
+    assert loose_regions.map_errors[0] < loose_pixels.map_errors[0] <= 1.0
+
+    def cost(method: dict) -> tuple[int, list]:
+        before = model.evaluations
+        explanations = explain_images(model, x[:1], {"xraiAttribution": method}, return_raw=True)
+        return model.evaluations - before, explanations
+
+    completeness_cost, _ = cost({"stepCount": 17, "mapTarget": None})
+    default_cost, explanations = cost({"stepCount": 17})
+    assert default_cost >= completeness_cost
+    assert max(_misses_are_explained(explanations)) <= 0.05
+
+
 def test_a_baseline_that_scores_like_the_input_costs_little_and_says_so(model_images_masks):
     """A metadata baseline equal to the image leaves nothing to attribute: the explanation must
     come back fast (a fixed few steps, not the refinement cap) with a warning naming the remedy."""
