@@ -78,7 +78,8 @@ def _previous(path: str, profile: dict, build: dict, rerun: list[str]) -> dict:
         if name in rerun:
             continue
         ran_with = result.get("profile") or old.get("profile") or {}
-        if (old.get("build") or {}).get("model_fingerprint") != build.get("model_fingerprint"):
+        if build.get("model_fingerprint") is None or \
+                (old.get("build") or {}).get("model_fingerprint") != build.get("model_fingerprint"):
             changed = ["trained model (another build: its export's fingerprint differs or was not recorded)"]
         elif (old.get("build") or {}).get("backbone", {}).get("recipe") != build.get("backbone", {}).get("recipe"):
             changed = ["backbone recipe"]

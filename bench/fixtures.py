@@ -63,16 +63,17 @@ class Assets:
         return os.path.join(self.root, "model")
 
     def fingerprint(self) -> str | None:
-        """The export's identity: a digest of its SavedModel fingerprint (TensorFlow's hashes of the
-        graph and of the weights). The same recipe built on another machine trains other weights
-        (float rounding differs across CPUs), so results are comparable only on equal fingerprints."""
-        import hashlib
+        """The export's identity: TensorFlow's SavedModel fingerprint hashes of its weights and of
+        its graph (not the file whole: it holds a random id per export). The same recipe built on
+        another machine trains other weights (float rounding differs across CPUs), so results are
+        comparable only on equal fingerprints. None when the export has no fingerprint."""
+        import tensorflow as tf
 
-        path = os.path.join(self.model_dir, "fingerprint.pb")
-        if not os.path.exists(path):
+        try:
+            fingerprint = tf.saved_model.experimental.read_fingerprint(self.model_dir)
+        except (OSError, ValueError, tf.errors.OpError):
             return None
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
+        return f"{fingerprint.checkpoint_hash:x}-{fingerprint.graph_def_program_hash:x}"
 
     def build_info(self) -> dict:
         with open(os.path.join(self.root, _DONE)) as f:

@@ -15,7 +15,8 @@ scored against it too) and scores against it:
   (``IntegratedGradientsOutput.map_errors``, from the grid's panels) meets the default
   ``map_target`` (:data:`explain.parameters.DEFAULT_MAP_TARGET`);
 - the same requests with ``map_target: null``: completeness alone, as Vertex measures it;
-- ours to 5% from XRAI's start (``XRAI_MIN_START`` points), completeness alone (XRAI's default);
+- ours to 5% from XRAI's start (``XRAI_MIN_START`` points), completeness alone (XRAI's default
+  until it got the map target on its segments' means; section 2);
 - ours to 1% with the stricter ``map_target`` ``map_high_target``;
 - the tutorial's trapezoid rule at ``map_fixed_steps`` steps (100 and 600 are what section 1
   found the references need for a median error of 5% and 1%; the steps between find where its maps

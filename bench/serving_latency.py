@@ -2,8 +2,8 @@
 
 * a single ``:explain`` of one JPEG image with default settings, one request at a time: median
   and p95 latency, for the default IG and XRAI requests (``step_count`` 5 as configs/local.yaml's,
-  refined to error 0.05 by default, and IG's map to its estimated error ``map_target`` 0.1 by
-  default: :mod:`explain.parameters`), and IG as Vertex users write it (``step_count`` 50);
+  refined to error 0.05 by default, and the map to its estimated error ``map_target`` 0.1 by
+  default, XRAI's on its segments' mean attributions: :mod:`explain.parameters`), and IG as Vertex users write it (``step_count`` 50);
 * ``:predict`` throughput with 8 concurrent clients (one JPEG instance per request; the server
   batches concurrent requests) vs calling the SavedModel's ``serving_default`` in this process
   with batches of 8 images: the ratio is what HTTP, JSON, base64 and the server cost.

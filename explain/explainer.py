@@ -118,7 +118,8 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
                    f"blurred or random, or input_baselines in the explanation metadata)")
     elif attribution.map_target is not None and map_errors is not None and len(map_errors) \
             and float(np.max(map_errors)) > 1.01 * attribution.map_target:  # 1%: float32 recomputation
-        out.append(f"output {name!r}: estimated map error {float(np.max(map_errors)):.3f} still exceeds map_target "
+        judged = " (of its segments' mean attributions)" if attribution.method == XRAI_METHOD else ""
+        out.append(f"output {name!r}: estimated map error{judged} {float(np.max(map_errors)):.3f} still exceeds map_target "
                    f"{attribution.map_target} after {int(steps.max())} gradient evaluations (max_step_count "
                    f"{attribution.max_step_count}); "
                    + ("the rest sits in the narrowest panels, where the first-order estimate over-rates steep "
@@ -219,6 +220,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
     # cancels the segmentations not started
     segments = _segment_in_background(images) if attribution.method == XRAI_METHOD else {}
     # XRAI's map target is judged on what XRAI ranks: each segment's mean attribution
+    checkpoint = getattr(model, "check_cancelled", None) or (lambda: None)
     map_features = None
     if segments and attribution.map_target is not None:
         summaries: dict[int, Any] = {}
@@ -226,7 +228,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         def map_features(row: int, vector: np.ndarray) -> np.ndarray:
             i = keys[row][0]
             if i not in summaries:  # first use is after IG's first round; segmentation ran meanwhile
-                summaries[i] = region_means(segments[i].result())
+                summaries[i] = region_means(_wait(segments[i], checkpoint))
             return summaries[i](vector)
     try:
         ig = IntegratedGradients().GetMask(
@@ -241,7 +243,6 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
         results = [{"attributions": [], "warnings": []} for _ in images]
         per_path = samples * num_baselines
         xrai = XRAI() if attribution.method == XRAI_METHOD else None
-        checkpoint = getattr(model, "check_cancelled", None) or (lambda: None)
         for first in range(0, len(keys), per_path):
             i, c = keys[first]
             rows = slice(first, first + per_path)
@@ -251,7 +252,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
             instance, baseline = float(probs[i, c]), float(ig.baseline_outputs[rows].mean())
             if xrai:
                 checkpoint()  # the region steps make no model call: a wrapper's cancellation checks here
-                shown = xrai.GetMask(images[i], attr, segments[i].result())[0]
+                shown = xrai.GetMask(images[i], attr, _wait(segments[i], checkpoint))[0]
             else:
                 shown = attr
             image_rgb = render_attribution(images[i], shown, visualization, attribution.method)
@@ -270,6 +271,16 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
     finally:
         for future in segments.values():
             future.cancel()
+
+
+def _wait(future: Future, checkpoint) -> Any:
+    """``future.result()``, calling ``checkpoint`` (a server's cancellation check) every 0.1 s
+    while waiting, so a cancelled or expired request does not wait out a segmentation."""
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except TimeoutError:
+            checkpoint()
 
 
 def _segment_in_background(images: np.ndarray) -> dict[int, Future]:

@@ -216,7 +216,7 @@ class IntegratedGradients:
             the map; a stretch of the path where the output is flat but the per-pixel integrands
             are not (they cancel in the sum) can stay coarse, and the map with it (``make bench``,
             section 1b). None: completeness alone, as Vertex measures it (here, the core's
-            default; an IG request's is ``explain.parameters.DEFAULT_MAP_TARGET``). Judged on a group's
+            default; a refined request's is ``explain.parameters.DEFAULT_MAP_TARGET``). Judged on a group's
             averaged map, the one a user gets (the error of an average of n paths is about
             1/sqrt(n) of one; each path's panels get an equal share of the allowance). A path
             that cannot meet it within ``max_step_count`` stops as LIMIT (completeness first: if
@@ -365,9 +365,10 @@ class IntegratedGradients:
         members = {g: [q for q in rows if groups[q] == g] for g in set(groups.tolist())}
         group_map_met: dict[int, bool] = {}
         map_allowances: dict[int, float] = {}
-        # completeness first: the last grid of each path at which completeness was met, before its
-        # map panels were split; if the cap then stops it with completeness broken again (a split
-        # moves the sum), that grid's attribution is returned (its nodes are all kept)
+        # completeness first: the last grid of each path at which completeness was met (its own, or
+        # its group's as the paths stood then), before its map panels were split; if the cap then
+        # stops it with completeness broken again (a split moves the sum), that grid's attribution
+        # is returned (its nodes are all kept)
         complete_grids: dict[int, np.ndarray] = {}
         while active:
             points, still = [], []
@@ -411,14 +412,14 @@ class IntegratedGradients:
         steps = np.array([len(a) for a in alphas])  # what each path cost, whichever grid is returned
         for r in rows:
             errors_now[r] = abs(residuals(r, np.diff(alphas[r])).sum())
-        final_group_errors = np.bincount(groups, errors_now, minlength=len(group_tolerances))
-        for r, grid in complete_grids.items():  # by the same rule as the refinement's
-            if reasons[r] == LIMIT and not complete(r, final_group_errors):
+        for r, grid in complete_grids.items():  # by the same rule as the refinement's, on the grids as they are now
+            if reasons[r] == LIMIT and not complete(r, np.bincount(groups, errors_now, minlength=len(group_tolerances))):
                 keep = np.isin(alphas[r], grid)
                 alphas[r], slopes[r], values[r] = alphas[r][keep], slopes[r][keep], values[r][keep]
                 vectors[r] = [v for v, k in zip(vectors[r], keep) if k]
                 if maps[r] is not None:
                     features[r] = [v for v, k in zip(features[r], keep) if k]
+                errors_now[r] = abs(residuals(r, np.diff(alphas[r])).sum())
         attributions, errors, summaries, path_squares = [], [], [], []
         for r in rows:
             widths = np.diff(alphas[r])

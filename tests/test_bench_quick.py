@@ -144,6 +144,8 @@ def test_only_keeps_a_last_run_comparison_only_if_it_measured_the_same_trained_m
     assert "another build" in capsys.readouterr().out
     assert kept({k: v for k, v in build.items() if k != "model_fingerprint"}) == []
     assert kept(dict(build, backbone={"recipe": {"version": 1}})) == []
+    build = dict(build, model_fingerprint=None)
+    assert kept(build) == []  # unknown on both sides is not the same model
 
 
 def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):

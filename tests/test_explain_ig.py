@@ -195,6 +195,14 @@ def test_map_target_judges_the_summary_a_user_reads_when_map_features_gives_one(
     assert pixels.step_counts[0] > 5
     assert list(summed.stop_reasons) == [CONVERGED] and summed.step_counts[0] == 5
     assert summed.map_errors[0] < 1e-6 and pixels.map_errors[0] > 1e-3
+    # a summary that needs refining (one pixel): refined on it, and what each path reports agrees
+    # with the running bookkeeping the refinement stopped on
+    first = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01, map_target=0.02,
+                       map_features=lambda r, v: np.asarray(v).reshape(-1)[:1])
+    assert list(first.stop_reasons) == [CONVERGED] and first.step_counts[0] > 5
+    assert first.map_errors[0] <= 0.02
+    pixel_error = lambda out: abs(out.attributions[0].ravel()[0] - model.exact[0]) / abs(model.exact[0])  # noqa: E731
+    assert pixel_error(first) < 0.05 < 0.2 < pixel_error(summed)  # the estimate reads under the truth (_map_error)
 
 
 class _SymmetricCurveModel:
@@ -271,6 +279,7 @@ def test_completeness_first_at_the_cap_judges_a_group_as_the_refinement_does():
                                          target_error=0.005, max_step_count=5, map_target=0.01,
                                          path_groups=np.array([0, 0]))
     assert out.map_errors[0] < five.map_errors[0]  # the refined grid's map, not the 5-point one's
+    assert not np.allclose(out.attributions[0], five.attributions[0], rtol=1e-3)
 
 
 def test_a_stricter_target_error_missed_under_vertexs_threshold_says_so():
