@@ -498,6 +498,25 @@ def test_xrai_region_steps_are_counted_and_can_be_stopped(tiny_model, images):
     assert wrapper.checks == 1
 
 
+def test_xrai_of_several_images_judges_each_image_on_its_own_segments(saturating_model, images):
+    """Several images in one XRAI request: each path's map target is judged on its own image's
+    segments, so each image's regions and error are what it gets alone, in either order (a strict
+    target, so that the segments decide where the paths are refined)."""
+    request = {"xrai_attribution": {"step_count": 4, "map_target": 0.005}}
+
+    def maps(batch):
+        return [(np.asarray(r["attributions"][0]["featureAttributions"]["image"]["raw"]),
+                 r["attributions"][0]["approximationError"])
+                for r in explain_images(saturating_model, batch, request, return_raw=True)]
+
+    together, swapped = maps(images), maps(images[::-1])[::-1]
+    alone = [maps(images[i:i + 1])[0] for i in range(len(images))]
+    for (a, error_a), (b, error_b), (c, error_c) in zip(together, swapped, alone):
+        np.testing.assert_allclose(a, c, rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(b, c, rtol=1e-3, atol=1e-6)
+        assert error_a == pytest.approx(error_c, rel=1e-3, abs=1e-6) and error_b == pytest.approx(error_c, rel=1e-3, abs=1e-6)
+
+
 def test_xrai_paths_start_from_enough_points_for_its_regions_and_the_cost_model_agrees(saturating_model, images):
     """Refining XRAI starts each path from at least XRAI_MIN_START grid points (its regions are
     ranked by the per-pixel map, which completeness alone does not converge); fixed steps
