@@ -209,7 +209,9 @@ class _SymmetricCurveModel:
     """Two pixels whose integrands are h/2 +- w along the path: h = 1 + cos(pi alpha) / 2 makes the
     trapezoid's panel residuals cancel in pairs on any grid symmetric about 1/2 (completeness holds
     at 5 points), and w = sin(6 pi alpha) on the first half only draws the map's splits there,
-    which breaks that cancellation."""
+    which breaks that cancellation (on the paths of ``wavy_rows``; None: every path)."""
+
+    wavy_rows: tuple[int, ...] | None = None
 
     def predict(self, images):
         a = images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
@@ -219,7 +221,8 @@ class _SymmetricCurveModel:
     def path_gradients(self, batch):
         a = batch.alphas.astype(np.float64)
         h = 1 + 0.5 * np.cos(np.pi * a)
-        w = np.where(a < 0.5, np.sin(6 * np.pi * a), 0.0)
+        wavy = True if self.wavy_rows is None else np.isin(batch.node_rows, self.wavy_rows)
+        w = np.where((a < 0.5) & wavy, np.sin(6 * np.pi * a), 0.0)
         nodes = np.stack([h / 2 + w, h / 2 - w], axis=1)
         attributions = np.zeros((batch.num_groups, 2))
         np.add.at(attributions, batch.node_groups, batch.weights[:, None] * nodes)
@@ -251,15 +254,7 @@ def test_completeness_comes_first_when_map_splits_break_it_at_the_cap():
 class _HalfWavyPairModel(_SymmetricCurveModel):
     """Path 0 is :class:`_SymmetricCurveModel`'s; path 1 has the same output and no map wave."""
 
-    def path_gradients(self, batch):
-        a = batch.alphas.astype(np.float64)
-        h = 1 + 0.5 * np.cos(np.pi * a)
-        w = np.where((a < 0.5) & (batch.node_rows == 0), np.sin(6 * np.pi * a), 0.0)
-        nodes = np.stack([h / 2 + w, h / 2 - w], axis=1)
-        attributions = np.zeros((batch.num_groups, 2))
-        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * nodes)
-        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), h.astype(np.float32),
-                          (a + 0.5 * np.sin(np.pi * a) / np.pi).astype(np.float32))
+    wavy_rows = (0,)
 
 
 def test_completeness_first_at_the_cap_judges_a_group_as_the_refinement_does():
