@@ -294,7 +294,10 @@ class IntegratedGradients:
         # map_features summarizes it), the running trapezoid map of them, the per-feature sum of
         # the panels' squared map residuals, and each panel's residual L1 (kept up to date split by split)
         features: list[list[np.ndarray]] = [[] for _ in rows]
-        featurize = (lambda r, v: v) if map_features is None else map_features
+
+        def featurize(r: int, vector: np.ndarray) -> np.ndarray:
+            return np.asarray(vector if map_features is None else map_features(r, vector), np.float32)
+
         maps: list[np.ndarray | None] = [None for _ in rows]
         squares: list[np.ndarray | None] = [None for _ in rows]
         map_sizes: list[np.ndarray] = [np.zeros(0) for _ in rows]
@@ -325,7 +328,7 @@ class IntegratedGradients:
                 alphas[r] = np.insert(alphas[r], i, a)
                 vectors[r].insert(i, result.group_attributions[k])
                 if maps[r] is not None:
-                    features[r].insert(i, np.asarray(featurize(r, vectors[r][i]), np.float32))
+                    features[r].insert(i, featurize(r, vectors[r][i]))
                 slopes[r] = np.insert(slopes[r], i, result.node_derivatives[k])
                 values[r] = np.insert(values[r], i, result.node_outputs[k])
                 if split:
@@ -335,7 +338,7 @@ class IntegratedGradients:
         evaluate([(r, float(a)) for r in rows for a in grids[r]])
         if map_target is not None:
             for r in rows:
-                features[r] = [np.asarray(featurize(r, v), np.float32) for v in vectors[r]]
+                features[r] = [featurize(r, v) for v in vectors[r]]
                 maps[r] = np.zeros(features[r][0].shape, np.float32)
                 squares[r] = np.zeros(features[r][0].shape, np.float32)
                 for i in range(len(alphas[r]) - 1):

@@ -73,8 +73,7 @@ def rank_regions(attr: np.ndarray, masks: list[np.ndarray], area_threshold: floa
         raise ValueError(f"min_pixel_diff must be >= 1, got {min_pixel_diff}")
     flat_attr = attr.ravel()
     masks = [np.asarray(m, bool) for m in masks]
-    rows, columns = np.nonzero(np.stack([m.ravel() for m in masks])) if masks else (np.zeros(0, int),) * 2
-    members = sparse.csc_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(masks), flat_attr.size))
+    members = _membership(masks, flat_attr.size).tocsc()  # column slices below
     counts = np.asarray(members.sum(axis=1)).ravel()
     sums = members @ flat_attr
     slack = 1e-6 * max(float(np.abs(flat_attr).max(initial=0.0)), np.finfo(np.float64).tiny)
@@ -110,6 +109,13 @@ def rank_regions(attr: np.ndarray, masks: list[np.ndarray], area_threshold: floa
     return output, ranks
 
 
+def _membership(masks: list[np.ndarray], pixels: int) -> sparse.csr_matrix:
+    """The segments-by-pixels 0/1 matrix of ``masks`` (each flattened), float64."""
+    rows, columns = (np.nonzero(np.stack([np.asarray(m, bool).ravel() for m in masks])) if masks else
+                     (np.zeros(0, int),) * 2)
+    return sparse.csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(masks), pixels))
+
+
 def region_means(masks: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     """A linear summary of what XRAI reads an attribution through: each segment's mean
     attribution per channel (``[S, C]`` from ``[H, W, C]``; an empty segment's is 0), for the IG
@@ -121,11 +127,10 @@ def region_means(masks: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     the default target on this summary was chosen by the overlap it buys (``make bench``, section 2)."""
     if not masks:
         raise ValueError("XRAI needs at least one segment")
-    flat = np.stack([np.asarray(m, bool).ravel() for m in masks])
-    rows, columns = np.nonzero(flat)
-    counts = np.maximum(flat.sum(axis=1), 1)
-    means = sparse.csr_matrix(((1.0 / counts[rows]).astype(np.float32), (rows, columns)), shape=flat.shape)
-    pixels = flat.shape[1]
+    pixels = np.size(masks[0])
+    members = _membership(masks, pixels)
+    counts = np.maximum(np.asarray(members.sum(axis=1)).ravel(), 1)
+    means = (sparse.diags(1.0 / counts) @ members).astype(np.float32).tocsr()
 
     def summarize(vector: np.ndarray) -> np.ndarray:
         return np.asarray(means @ np.asarray(vector, np.float32).reshape(pixels, -1), np.float32)
