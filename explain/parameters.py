@@ -56,15 +56,14 @@ DEFAULT_NOISY_SAMPLE_COUNT = 3
 DEFAULT_MAX_ADAPTIVE_STEPS = 400
 #: Vertex's threshold for a faithful attribution; the default refinement target.
 DEFAULT_TARGET_ERROR = 0.05
-#: The default ``map_target`` of both methods with refinement on. IG: completeness to 5% alone
-#: left the maps of MobileNetV2 a median 0.37 (worst 0.76) in relative L1 from the converged
-#: integral, over twice the tutorial's 0.16 at the 100 steps it needs for 5%; with 0.1 they are
-#: 0.08 (worst 0.11) for 2-2.6x our evaluations, still under the tutorial's (``make bench``,
-#: section 1b). XRAI, judged on its segments' mean attributions: on 12 validation images its top
-#: 10% regions overlap ``saliency.XRAI``'s at 200 steps from black and white at a median of 0.95,
-#: worst 0.63, on completeness alone, and 1.00, worst 0.87, with it, for a median of 54 evaluations
-#: per path against 51 (mean 121 against 77); the same target on the pixels costs a mean of about
-#: 200 (section 2 and an untimed trial).
+#: The default ``map_target`` of both methods with refinement on (``make bench`` sections 1b and 2,
+#: on the current build). IG: completeness to 5% alone left the maps of MobileNetV2 a median 0.43
+#: (worst 2.4) in relative L1 from the converged integral, where the tutorial's trapezoid at 100
+#: steps is at 0.19; with 0.1 they are at 0.074 (worst 0.097) for a median of 55.5 evaluations
+#: against 16. XRAI, judged on its segments' mean attributions: on 12 validation images its top
+#: 10% regions overlap ``saliency.XRAI``'s at 200 steps from black and white at a median of 1.00,
+#: worst 0.87 (completeness alone, untimed: 0.95, worst 0.63), for a median of 54 evaluations per
+#: path against 51 (mean 121 against 77); the same target on the pixels cost a mean of 147.
 DEFAULT_MAP_TARGET = 0.1
 # Validation caps (not Vertex's; they keep every number finite and every list short, so a tiny
 # request cannot ask for unbounded work; a server's cost budget then bounds the product).
