@@ -225,11 +225,11 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
     if segments and attribution.map_target is not None:
         summaries: dict[int, Any] = {}
 
-        def map_features(row: int, vector: np.ndarray) -> np.ndarray:
+        def map_features(row: int, vectors: np.ndarray) -> np.ndarray:
             i = keys[row][0]
             if i not in summaries:  # first use is after IG's first round; segmentation ran meanwhile
                 summaries[i] = region_means(_wait(segments[i], checkpoint))
-            return summaries[i](vector)
+            return summaries[i](vectors)
     try:
         ig = IntegratedGradients().GetMask(
             flat_ends[x_rows], flat_starts[b_rows], classes, model, step_count=start_step_count(attribution),

@@ -118,7 +118,7 @@ def _membership(masks: list[np.ndarray], pixels: int) -> sparse.csr_matrix:
 
 def region_means(masks: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     """A linear summary of what XRAI reads an attribution through: each segment's mean
-    attribution per channel (``[S, C]`` from ``[H, W, C]``; an empty segment's is 0), for the IG
+    attribution per channel (``[S, C]`` from ``[H, W, C]``, or a stack of them at once; an empty segment's is 0), for the IG
     core's ``map_features``. A proxy: XRAI ranks segments by the mean of the channels' maximum over
     the pixels each one adds to those already chosen, which no linear summary is; but an error that
     averages out within the segments hardly moves those means, and refining the path for it buys
@@ -132,8 +132,14 @@ def region_means(masks: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     counts = np.maximum(np.asarray(members.sum(axis=1)).ravel(), 1)
     means = (sparse.diags(1.0 / counts) @ members).astype(np.float32).tocsr()
 
-    def summarize(vector: np.ndarray) -> np.ndarray:
-        return np.asarray(means @ np.asarray(vector, np.float32).reshape(pixels, -1), np.float32)
+    def summarize(vectors: np.ndarray) -> np.ndarray:
+        """``[S, C]`` of one attribution ``[H, W, C]``, or ``[k, S, C]`` of ``[k, H, W, C]`` in one product."""
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim == 3:
+            return summarize(vectors[None])[0]
+        k, channels = len(vectors), vectors.shape[-1]
+        columns = np.moveaxis(vectors, 0, -1).reshape(pixels, channels * k)  # pixel by (channel, point)
+        return np.asarray(means @ columns, np.float32).reshape(-1, channels, k).transpose(2, 0, 1)
 
     return summarize
 

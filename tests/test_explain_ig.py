@@ -196,14 +196,14 @@ def test_map_target_judges_the_summary_a_user_reads_when_map_features_gives_one(
     ig, model = IntegratedGradients(), _CancellingModel()
     pixels = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01, map_target=0.02)
     summed = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01, map_target=0.02,
-                        map_features=lambda r, v: np.asarray(v).reshape(-1, 2).sum(axis=1))
+                        map_features=lambda r, v: np.asarray(v).reshape(len(v), -1, 2).sum(axis=2))
     assert pixels.step_counts[0] > 5
     assert list(summed.stop_reasons) == [CONVERGED] and summed.step_counts[0] == 5
     assert summed.map_errors[0] < 1e-6 and pixels.map_errors[0] > 1e-3
     # a summary that needs refining (one pixel): refined on it, and what each path reports agrees
     # with the running bookkeeping the refinement stopped on
     first = ig.GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.01, map_target=0.02,
-                       map_features=lambda r, v: np.asarray(v).reshape(-1)[:1])
+                       map_features=lambda r, v: np.asarray(v).reshape(len(v), -1)[:, :1])
     assert list(first.stop_reasons) == [CONVERGED] and first.step_counts[0] > 5
     assert first.map_errors[0] <= 0.02
     pixel_error = lambda out: abs(out.attributions[0].ravel()[0] - model.exact[0]) / abs(model.exact[0])  # noqa: E731

@@ -115,6 +115,8 @@ def test_xrai_region_means_are_each_segments_mean_per_channel():
     assert means.shape == (len(masks), 3)
     expected = [attribution[m].mean(axis=0) if m.any() else np.zeros(3) for m in masks]  # saliency keeps empty ones
     np.testing.assert_allclose(means, expected, rtol=1e-4, atol=1e-6)
+    stacked = region_means(masks)(np.stack([attribution, 2 * attribution]))  # several at once, in order
+    np.testing.assert_allclose(stacked, [means, 2 * means], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="segment"):
         region_means([])
 
