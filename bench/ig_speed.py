@@ -292,7 +292,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         apart_rows = [[int(idx), float(gap), int(n), str(reason)] for idx, gap, n, reason in
                       zip(chosen["apart"], chosen["apart_gaps"], out.step_counts, out.stop_reasons)]
 
-    return summarize(profile, search, timings, n_img, chosen, apart_rows, curve, best_batch)
+    return summarize(profile, search, timings, n_img, chosen, apart_rows, curve, best_batch, ours.batch_size)
 
 
 def floor_of(timing: dict) -> float:
@@ -301,7 +301,7 @@ def floor_of(timing: dict) -> float:
 
 
 def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen: dict,
-              apart_rows: list, curve: dict[int, float], best_batch: int) -> dict:
+              apart_rows: list, curve: dict[int, float], best_batch: int, ours_batch: int) -> dict:
     """Tables, headline and raw figures from the measurements."""
     targets = profile.ig_targets
     speed_rows, within_rows, cost_rows, headline = [], [], [], {}
@@ -410,7 +410,8 @@ def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen:
                         "black baseline's gradient for a class is computed on first use and then kept, and ours' "
                         "evaluations are those the model ran. Timed: every image, one image per call, contenders "
                         f"alternating, {profile.ig_repeats} run(s) each; `saliency` and the tutorial at the "
-                        "floor's best batch size (the table of costs per evaluation lists it), ours at its default. "
+                        "floor's best batch size (the table of costs per evaluation lists it), ours at the chunk size "
+                        f"its model measured when it was loaded ({ours_batch} path nodes per call at most). "
                         "Errors are Vertex's approximation error measured from each run's own attributions. "
                         f"The cost table adds ours on all {n_img} images in one call (a multi-instance request or "
                         "the batch CLI: the same evaluations, every path's splits batched per round), timed once: "
@@ -419,7 +420,7 @@ def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen:
         "tables": tables,
         "headline": headline,
         "raw": {"search": {k: {str(n): e for n, e in v.items()} for k, v in search.items()},
-                "timings": timings, "floor_seconds": floors, "floor_batch": best_batch,
+                "timings": timings, "floor_seconds": floors, "floor_batch": best_batch, "ours_batch": ours_batch,
                 "forward_backward_ms_by_batch": {str(b): t * 1000 for b, t in curve.items()}, "images": n_img, "scanned": chosen["scanned"],
                 "set_apart": [int(i) for i in chosen["apart"]], "set_apart_rows": apart_rows},
     }

@@ -21,6 +21,7 @@ import hashlib
 import math
 import posixpath
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -36,9 +37,14 @@ from trainer.export import read_explanation_metadata, read_labels
 from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
                             XAI_MODEL_SIGNATURE, XAI_PREPROCESS_SIGNATURE)
 
-#: Path nodes per forward+backward call: bounds activation memory. Measured on MobileNetV2 1.0 @ 192
-#: (2 cores, per image): 57 ms alone, 43 ms in 4s, 41 ms in 8s, 48 ms in 16s, 58 ms in 32s: past 8
-#: the activations no longer fit the caches. ``make bench`` prints this curve for the machine it runs on.
+#: Path nodes per forward+backward call, tried when a model is loaded (:func:`calibrate_batch_size`):
+#: the fastest per node is kept, because the best size is the machine's. MobileNetV2 1.0 @ 192, ms per
+#: node, 2 cores: on one host 57 alone, 43 in 4s, 41 in 8s, 48 in 16s, 58 in 32s (past 8 the
+#: activations no longer fit its caches); on another 32 alone, 20 in 4s, 17.6 in 8s, 15.4 in 16s,
+#: 14.6 in 32s. Not past 16: a call holds about 40 MB of activations per node (770 MB at 16,
+#: 1.4 GB at 32), per concurrent request. ``make bench`` prints the whole curve for its machine.
+BATCH_SIZE_CANDIDATES = (4, 8, 16)
+#: Chunk size when calibration is skipped (``load_explainable_model(batch_size=...)`` given).
 DEFAULT_BATCH_SIZE = 8
 #: Images per forward-only call (no gradients: activations are freed layer by layer).
 PREDICT_BATCH_SIZE = 64
@@ -61,6 +67,8 @@ class ExplainableModel:
     labels: list[str]
     metadata: dict[str, Any]
     batch_size: int = DEFAULT_BATCH_SIZE
+    #: seconds per node at each chunk size tried, when :func:`calibrate_batch_size` chose ``batch_size``
+    batch_seconds: dict[int, float] = field(default_factory=dict)
     _loaded: Any = field(default=None, repr=False)
     #: evaluate a linear path's ends once per distinct point and class, and cache baselines' gradients
     share_ends: bool = True
@@ -285,10 +293,36 @@ def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, 
     return kernel.get_concrete_function()
 
 
-def load_explainable_model(model_dir: str, batch_size: int = DEFAULT_BATCH_SIZE,
+def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = BATCH_SIZE_CANDIDATES,
+                         repeats: int = 2) -> dict[int, float]:
+    """Seconds per node of the linear path kernel at each candidate chunk size (the best of
+    ``repeats`` timed calls after one warm-up, on a mid-grey image), and set the model's
+    ``batch_size`` to the fastest. About 1 s for MobileNetV2 1.0 @ 192 on 2 cores, once per load."""
+    kernel = model._kernel(LINEAR)
+    image = np.full((1, *model.image_shape), 0.5, np.float32)
+    per_node: dict[int, float] = {}
+    for n in candidates:
+        args = (tf.constant(image), tf.constant(np.zeros_like(image)), tf.constant([0], tf.int32),
+                tf.zeros([n], tf.int32), tf.range(n, dtype=tf.int32),
+                tf.constant(np.linspace(0.0, 1.0, n + 2)[1:-1], tf.float32), tf.ones([n], tf.float32),
+                tf.constant(n, tf.int32), tf.constant(0.0), tf.constant(0, tf.int32))
+        seconds = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            [t.numpy() for t in kernel(*args)]
+            seconds.append(time.perf_counter() - start)
+        per_node[n] = min(seconds[1:]) / n
+    model.batch_size = min(per_node, key=per_node.get)
+    model.batch_seconds = per_node
+    return per_node
+
+
+def load_explainable_model(model_dir: str, batch_size: int | None = None,
                            loaded: Any = None) -> ExplainableModel:
     """Load an exported model with its ``labels.txt`` and ``explanation_metadata.json``.
 
+    ``batch_size``: path nodes per forward+backward call; None measures the fastest of
+    :data:`BATCH_SIZE_CANDIDATES` on this machine (:func:`calibrate_batch_size`).
     ``loaded``: the SavedModel already loaded from ``model_dir`` (a server that also runs its
     ``serving_default``), so its variables are held once and not loaded again.
     """
@@ -301,6 +335,9 @@ def load_explainable_model(model_dir: str, batch_size: int = DEFAULT_BATCH_SIZE,
     if missing:
         raise ModelLoadError(f"{model_dir}: SavedModel lacks signature(s) {sorted(missing)}")
     model = ExplainableModel(model_dir=model_dir, labels=read_labels(model_dir),
-                             metadata=read_explanation_metadata(model_dir), batch_size=batch_size, _loaded=loaded)
+                             metadata=read_explanation_metadata(model_dir),
+                             batch_size=batch_size or DEFAULT_BATCH_SIZE, _loaded=loaded)
     model._kernel(LINEAR)  # trace the common kernel now, not inside the first request
+    if batch_size is None:
+        calibrate_batch_size(model)
     return model

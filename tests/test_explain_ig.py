@@ -614,3 +614,19 @@ def test_the_baseline_gradient_cache_is_bounded(exported_model_dir, images):
         before = model.evaluations
         IntegratedGradients().GetMask(x, noise, np.array([3]), model, step_count=3, quadrature="riemann_trapezoid")
         assert model.evaluations - before == spent
+
+
+def test_the_chunk_size_is_measured_on_load_unless_given(exported_model_dir, images):
+    """Loading measures the path kernel at every candidate chunk size and keeps the fastest per
+    node (the best size is the machine's); a given size is used as is, and the chunking changes
+    no attribution."""
+    from explain.model import BATCH_SIZE_CANDIDATES
+
+    measured, given = load_explainable_model(exported_model_dir), load_explainable_model(exported_model_dir, 3)
+    assert set(measured.batch_seconds) == set(BATCH_SIZE_CANDIDATES)
+    assert all(s > 0 for s in measured.batch_seconds.values())
+    assert measured.batch_size == min(measured.batch_seconds, key=measured.batch_seconds.get)
+    assert given.batch_size == 3 and not given.batch_seconds
+    x, b, classes = _paths(measured, images)
+    a, c = (IntegratedGradients().GetMask(x, b, classes, m, step_count=20) for m in (measured, given))
+    np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-5, atol=1e-9)
