@@ -630,3 +630,29 @@ def test_the_chunk_size_is_measured_on_load_unless_given(exported_model_dir, ima
     x, b, classes = _paths(measured, images)
     a, c = (IntegratedGradients().GetMask(x, b, classes, m, step_count=20) for m in (measured, given))
     np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-5, atol=1e-9)
+
+
+def test_a_refinement_reads_the_path_ends_off_its_first_round(saturating_model, images, monkeypatch):
+    """Without ``end_outputs`` a refinement spends no forward pass on the ends (its first grid holds
+    them), and returns what it returns when given them: the same grids, errors and stop reasons,
+    a degenerate path (baseline = input) included; a start larger than a degenerate path's grid,
+    and fixed steps, still predict them first."""
+    x, b, classes = _paths(saturating_model, images)
+    b[1] = x[1]  # no output gap: degenerate
+    given = saturating_model.predict(np.concatenate([x, b]))
+    ends = given[[0, 1], classes], given[[2, 3], classes]
+    kw = dict(step_count=5, target_error=0.01, max_step_count=60, min_output_gap=0.05)
+    want = IntegratedGradients().GetMask(x, b, classes, saturating_model, end_outputs=ends, **kw)
+    calls = []
+    predict = saturating_model.predict
+    monkeypatch.setattr(saturating_model, "predict", lambda images: calls.append(len(images)) or predict(images))
+    got = IntegratedGradients().GetMask(x, b, classes, saturating_model, **kw)
+    assert calls == []
+    assert list(got.stop_reasons) == list(want.stop_reasons) and want.stop_reasons[1] == DEGENERATE
+    np.testing.assert_array_equal(got.step_counts, want.step_counts)
+    np.testing.assert_allclose(got.attributions, want.attributions, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(got.approximation_errors, want.approximation_errors, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(got.instance_outputs, ends[0], rtol=1e-5)
+    IntegratedGradients().GetMask(x, b, classes, saturating_model, **dict(kw, step_count=DEGENERATE_STEP_COUNT + 1))
+    IntegratedGradients().GetMask(x, b, classes, saturating_model, step_count=4)
+    assert calls == [4, 4]
