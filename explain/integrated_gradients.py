@@ -113,7 +113,7 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     independent pieces add up like a random walk, a panel of width w is allowed
     ``tolerance * sqrt(w)`` (n equal panels at their allowance sum to about ``tolerance``), and
     every panel over it is split. When none is over it but the sum still misses by an excess,
-    the largest residuals are split until they sum to twice the excess (``signed``: the
+    the largest residuals of the error's sign are split until they sum to twice the excess (``signed``: the
     residuals are the signed pieces of the error, as completeness's are), or, for sizes whose
     error is not their sum (``signed=False``: the map's), those over the strict share
     ``tolerance * w``; failing that the largest: every round makes progress. Panels at most twice
@@ -133,9 +133,10 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     chosen = [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]
     if chosen or stuck:
         return chosen
-    if signed:
-        shares = np.cumsum(size[order])
-        return order[:int(np.searchsorted(shares, 2 * (abs(residuals.sum()) - tolerance))) + 1]
+    if signed:  # splitting a panel shrinks its residual, so only those of the error's sign move it toward the target
+        toward = [i for i in order if residuals[i] * residuals.sum() > 0] or order[:1]
+        shares = np.cumsum(size[toward])
+        return toward[:int(np.searchsorted(shares, 2 * (abs(residuals.sum()) - tolerance))) + 1]
     return [i for i in order if size[i] > tolerance * widths[i]] or order[:1]
 
 
@@ -215,7 +216,9 @@ class IntegratedGradients:
 
         Args:
           x_values, baselines: ``[R, H, W, C]`` float32; for ``path="scale_space"`` the baseline
-            is the input blurred by ``max_blur_sigma`` (only its model output is used).
+            is the input blurred by ``max_blur_sigma`` (only its model output is used, and not
+            at all when a refinement reads the ends off its first round: then F at the path's
+            start is the kernel's own blur).
           step_count: nodes per path (fixed mode), or grid points of the first round (adaptive).
           quadrature: the rule of :mod:`explain.quadrature` in fixed mode (adaptive mode always
             refines a trapezoid grid: its nodes are its panels' ends).
@@ -330,9 +333,17 @@ class IntegratedGradients:
         # the panels' squared map residuals, and each panel's residual L1 (kept up to date split by split)
         features: list[list[np.ndarray]] = [[] for _ in rows]
 
-        def featurize(r: int, stacked: np.ndarray) -> list[np.ndarray]:
-            """The map features of path ``r``'s integrand vectors ``[k, ...]``, one call for all k."""
-            return list(np.asarray(stacked if map_features is None else map_features(r, stacked), np.float32))
+        def featurize(r: int, new: list[np.ndarray]) -> list[np.ndarray]:
+            """The map features of path ``r``'s integrand vectors ``new``: the vectors themselves
+            (not copies: a 400-point grid of 192x192x3 is 177 MB), or ``map_features``' summary
+            of all of them in one call."""
+            if map_features is None:
+                return new
+            out = np.asarray(map_features(r, np.stack(new)), np.float32)
+            if len(out) != len(new):
+                raise ValueError(f"map_features returned {len(out)} rows for {len(new)} grid points "
+                                 f"(it maps a stack [k, H, W, C] to [k, ...])")
+            return list(out)
 
         maps: list[np.ndarray | None] = [None for _ in rows]
         squares: list[np.ndarray | None] = [None for _ in rows]
@@ -358,7 +369,7 @@ class IntegratedGradients:
             new_features = {}  # per path, its new points' features, summarized in one call
             for r in {r for r, _ in points if maps[r] is not None}:
                 ks = np.flatnonzero(node_rows == r)
-                new_features.update(zip(ks.tolist(), featurize(r, result.group_attributions[ks])))
+                new_features.update(zip(ks.tolist(), featurize(r, [result.group_attributions[k] for k in ks])))
             for k, (r, a) in enumerate(points):
                 i = int(np.searchsorted(alphas[r], a))
                 split = map_target is not None and maps[r] is not None and 0 < i < len(alphas[r])
@@ -378,7 +389,7 @@ class IntegratedGradients:
         evaluate([(r, float(a)) for r in rows for a in grids[r]])
         if map_target is not None:
             for r in rows:
-                features[r] = featurize(r, np.stack(vectors[r]))
+                features[r] = featurize(r, list(vectors[r]))
                 maps[r] = np.zeros(features[r][0].shape, np.float32)
                 squares[r] = np.zeros(features[r][0].shape, np.float32)
                 for i in range(len(alphas[r]) - 1):
@@ -386,7 +397,7 @@ class IntegratedGradients:
         if end_outputs is None:
             f_x, f_b = (np.array([values[r][k] for r in rows], np.float64) for k in (-1, 0))
             degenerate = _group_gaps(f_x, f_b, groups) < min_output_gap
-        for r in rows:  # the ends' outputs are known exactly; use them, not float32 recomputations
+        for r in rows:  # the ends' outputs exactly as given (or as this round read them), not float32 recomputations
             values[r][0], values[r][-1] = f_b[r], f_x[r]
         tolerances = target_error * _group_gaps(f_x, f_b, groups)
 

@@ -135,6 +135,9 @@ def region_means(masks: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     def summarize(vectors: np.ndarray) -> np.ndarray:
         """``[S, C]`` of one attribution ``[H, W, C]``, or ``[k, S, C]`` of ``[k, H, W, C]`` in one product."""
         vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim not in (3, 4) or vectors.shape[-3] * vectors.shape[-2] != pixels:
+            raise ValueError(f"region means need an attribution [H, W, C] or a stack [k, H, W, C] of "
+                             f"{pixels} pixels, got shape {vectors.shape}")
         if vectors.ndim == 3:
             return summarize(vectors[None])[0]
         k, channels = len(vectors), vectors.shape[-1]

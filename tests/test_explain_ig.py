@@ -20,12 +20,13 @@ from explain.testing import export_saturating_classifier, smooth_images
 
 @pytest.fixture(scope="module")
 def tiny_model(exported_model_dir):
-    return load_explainable_model(exported_model_dir)
+    return load_explainable_model(exported_model_dir, batch_size=8)  # fixed: tests compare loads
 
 
 @pytest.fixture(scope="module")
 def saturating_model(tmp_path_factory):
-    return load_explainable_model(export_saturating_classifier(str(tmp_path_factory.mktemp("sat") / "model")))
+    return load_explainable_model(export_saturating_classifier(str(tmp_path_factory.mktemp("sat") / "model")),
+                                  batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,38 @@ class _SymmetricCurveModel:
         np.add.at(attributions, batch.node_groups, batch.weights[:, None] * nodes)
         return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), h.astype(np.float32),
                           (a + 0.5 * np.sin(np.pi * a) / np.pi).astype(np.float32))
+
+
+class _WideCurveModel(_SymmetricCurveModel):
+    """The symmetric-curve model's two integrands, each repeated over a 128x128 image (128 KB per
+    integrand vector), to measure what a refinement holds."""
+
+    size = 128
+
+    def path_gradients(self, batch):
+        small = super().path_gradients(batch)
+        wide = np.repeat(np.repeat(small.group_attributions, self.size, axis=1), self.size, axis=2)
+        return PathResult(wide, small.node_derivatives, small.node_outputs)
+
+
+def test_a_refined_map_holds_each_integrand_vector_once():
+    """With the map refined on the pixels, the bookkeeping reads the integrand vectors the grid
+    keeps, not copies of them: a 400-point grid of 192x192x3 is 177 MB, twice that with copies."""
+    import tracemalloc
+
+    model = _WideCurveModel()
+    shape = (1, model.size, model.size, 2)
+    x, b = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    tracemalloc.start()
+    try:
+        out = IntegratedGradients().GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.001,
+                                            max_step_count=400, map_target=0.0005)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    vector = model.size * model.size * 2 * 4
+    assert out.step_counts[0] >= 100  # many points, so the 32-point chunks of the final sums are small beside them
+    assert peak < 1.6 * out.step_counts[0] * vector, (peak / vector, out.step_counts[0])
 
 
 def test_completeness_comes_first_when_map_splits_break_it_at_the_cap():
@@ -551,7 +584,7 @@ def test_xrai_paths_start_from_enough_points_for_its_regions_and_the_cost_model_
 def test_path_ends_are_evaluated_once_and_baseline_gradients_are_kept(exported_model_dir, saturating_model, images):
     """XRAI's two paths share their input, and a baseline's gradient is a constant of the model:
     neither is evaluated twice, and the attributions are those of evaluating every node."""
-    shared, unshared = load_explainable_model(exported_model_dir), load_explainable_model(exported_model_dir)
+    shared, unshared = (load_explainable_model(exported_model_dir, batch_size=8) for _ in range(2))
     unshared.share_ends = False
     request = {"xrai_attribution": {"step_count": 9, "target_error": None}, "output_indices": [2]}
     for i, spent in ((0, 2 * 9 - 1), (1, 2 * 9 - 3)):  # the input once; black and white cached after the first
@@ -577,7 +610,7 @@ def test_path_ends_are_evaluated_once_and_baseline_gradients_are_kept(exported_m
     np.testing.assert_allclose(a.absolute_errors, c.absolute_errors, rtol=1e-4, atol=1e-8)
 
     # an adaptive request refining the map too on a curved model: the same refinement and attributions
-    shared = load_explainable_model(saturating_model.model_dir)
+    shared = load_explainable_model(saturating_model.model_dir, batch_size=saturating_model.batch_size)
     x, b, classes = _paths(shared, images)
     kw = dict(step_count=5, target_error=0.01, max_step_count=200, map_target=0.1)
     a = IntegratedGradients().GetMask(x, b, classes, shared, **kw)
@@ -653,6 +686,20 @@ def test_a_refinement_reads_the_path_ends_off_its_first_round(saturating_model, 
     np.testing.assert_allclose(got.attributions, want.attributions, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(got.approximation_errors, want.approximation_errors, rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(got.instance_outputs, ends[0], rtol=1e-5)
-    IntegratedGradients().GetMask(x, b, classes, saturating_model, **dict(kw, step_count=DEGENERATE_STEP_COUNT + 1))
+    # paths averaged in groups (XRAI's black and white) with the map refined too: the same
+    xx, bb = np.repeat(x, 2, axis=0), np.stack([b[0], np.ones_like(b[0]), b[1], np.ones_like(b[1])])
+    cc, groups = np.repeat(classes, 2), np.array([0, 0, 1, 1])
+    kw = dict(kw, map_target=0.1, path_groups=groups)
+    got = IntegratedGradients().GetMask(xx, bb, cc, saturating_model, **kw)
+    probs = predict(np.concatenate([xx, bb]))
+    want = IntegratedGradients().GetMask(xx, bb, cc, saturating_model, **kw,
+                                         end_outputs=(probs[np.arange(4), cc], probs[4 + np.arange(4), cc]))
+    assert calls == []
+    assert list(got.stop_reasons) == list(want.stop_reasons)
+    np.testing.assert_array_equal(got.step_counts, want.step_counts)
+    np.testing.assert_allclose(got.attributions, want.attributions, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(got.map_errors, want.map_errors, rtol=1e-3, atol=1e-7)
+    IntegratedGradients().GetMask(x, b, classes, saturating_model, **dict(kw, path_groups=None, map_target=None,
+                                                                          step_count=DEGENERATE_STEP_COUNT + 1))
     IntegratedGradients().GetMask(x, b, classes, saturating_model, step_count=4)
     assert calls == [4, 4]
