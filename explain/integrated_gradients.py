@@ -317,7 +317,7 @@ class IntegratedGradients:
         if end_outputs is not None:
             f_x, f_b = (np.asarray(v, np.float64) for v in end_outputs)
             degenerate = _group_gaps(f_x, f_b, groups) < min_output_gap
-        else:
+        else:  # GetMask starts these no larger than a degenerate path's grid: known after the first round
             degenerate = np.zeros(len(rows), bool)
         first = np.where(degenerate, min(max(step_count, 2), DEGENERATE_STEP_COUNT), max(step_count, 2))
         cap = np.maximum(first, max_step_count)
@@ -396,10 +396,10 @@ class IntegratedGradients:
                     account(r, i, 1.0)
         if end_outputs is None:
             f_x, f_b = (np.array([values[r][k] for r in rows], np.float64) for k in (-1, 0))
-            degenerate = _group_gaps(f_x, f_b, groups) < min_output_gap
         for r in rows:  # the ends' outputs exactly as given (or as this round read them), not float32 recomputations
             values[r][0], values[r][-1] = f_b[r], f_x[r]
-        tolerances = target_error * _group_gaps(f_x, f_b, groups)
+        gaps = _group_gaps(f_x, f_b, groups)
+        degenerate, tolerances = gaps < min_output_gap, target_error * gaps
 
         def residuals(r: int, widths: np.ndarray) -> np.ndarray:
             """Each panel's trapezoid integral of dF/dalpha minus its exact F(b) - F(a)."""
