@@ -121,7 +121,11 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     no fallback can meet it: only panels over their allowance are split, and once there are none,
     nothing (an empty list): the output jumps where no gradient sees it.
 
-    Why the excess and not the strict share, for completeness: on MobileNetV2 1.0 @ 192 one
+    Measured on MobileNetV2 1.0 @ 192 (12 validation images, from 5 grid points, simulated on
+    513-point ground truth and checked on the model): to 0.05 a median of 14 evaluations per
+    path (mean 22, worst 55) against 16 (34, 121) with the strict share alone; to 0.01 a median
+    of 48 (mean 55, worst 99) against 60 (82, 173). Why the fallback is the excess and not the
+    strict share, for completeness: on the same network one
     validation image reached 209 panels at error 0.01003 against a target of 0.01, with no panel
     over its allowance; 197 of them were over their strict share, and splitting them all spent
     the 400-evaluation cap and ended at 0.0107. Splitting the largest instead met the target at
