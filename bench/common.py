@@ -83,14 +83,25 @@ def load_eval_set(pattern: str, n: int) -> EvalSet:
 
 class SignatureModel:
     """The exported ``xai_model`` signature as the reference implementations need it: batched
-    probabilities, and batched gradients of one class's probability with respect to the pixels."""
+    probabilities, and batched gradients of one class's probability with respect to the pixels.
+    ``fold_norms``: the same graph with its batch normalizations folded as ours folds them
+    (:mod:`explain.folding`), for the floor of the graph ours runs."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, fold_norms: bool = False):
         from trainer.schema import XAI_MODEL_SIGNATURE
 
         self._loaded = tf.saved_model.load(model_dir)  # keeps the variables alive
         self._fn = self._loaded.signatures[XAI_MODEL_SIGNATURE]
         self.output_key = next(iter(self._fn.structured_outputs))
+        self._folded = None
+        if fold_norms:
+            from explain.folding import fold_batch_norms
+
+            shape = self._fn.structured_input_signature[1][CONCRETE_INPUT].shape[1:]
+            folded = fold_batch_norms(self._fn, self.output_key, np.full((1, *shape), 0.5, np.float32))
+            if folded is None:
+                raise ValueError(f"{model_dir}: no batch normalization of its xai_model folds")
+            self._folded = folded.function
         spec = tf.TensorSpec([None, *self._fn.structured_input_signature[1][CONCRETE_INPUT].shape[1:]], tf.float32)
 
         @tf.function(input_signature=[spec, tf.TensorSpec([], tf.int32)])
@@ -104,6 +115,8 @@ class SignatureModel:
 
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
         """Probabilities ``[N, C]`` (the graph function, usable inside ``tf.function``)."""
+        if self._folded is not None:
+            return self._folded(images)
         return self._fn(**{CONCRETE_INPUT: images})[self.output_key]
 
     def predict(self, images: np.ndarray) -> np.ndarray:

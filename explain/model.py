@@ -31,6 +31,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 import numpy as np
 import tensorflow as tf
 
+from explain.folding import FoldedFunction, fold_batch_norms
 from explain.integrated_gradients import PathBatch, PathResult
 from explain.paths import LINEAR, SCALE_SPACE, frequency_squared
 from trainer.export import read_explanation_metadata, read_labels
@@ -70,6 +71,9 @@ class ExplainableModel:
     #: seconds per node at each chunk size tried, when :func:`calibrate_batch_size` chose ``batch_size``
     batch_seconds: dict[int, float] = field(default_factory=dict)
     _loaded: Any = field(default=None, repr=False)
+    #: the ``xai_model`` with its batch normalizations folded (:mod:`explain.folding`), which the
+    #: gradient kernels run; None: they run the signature as exported
+    folded: FoldedFunction | None = field(default=None, repr=False)
     #: evaluate a linear path's ends once per distinct point and class, and cache baselines' gradients
     share_ends: bool = True
     end_cache_bytes: int = END_CACHE_BYTES
@@ -231,15 +235,22 @@ class ExplainableModel:
                 old, _ = self._end_cache.popitem(last=False)[1]
                 self._end_cache_size -= old.nbytes
 
+    def _probabilities_function(self) -> Callable[[tf.Tensor], tf.Tensor]:
+        """images -> probabilities for the gradient kernels: the folded graph, else the signature."""
+        if self.folded is not None:
+            return self.folded.function
+        return lambda points: self._xai_model(**{CONCRETE_INPUT: points})[self.output_key]
+
     def _kernel(self, path: str) -> Callable:
         """The traced path-gradient function for ``path``, traced once per model."""
         with self._lock:
             if path not in self._kernels:
-                self._kernels[path] = _trace_path_kernel(self._xai_model, self.output_key, self.image_shape, path)
+                self._kernels[path] = _trace_path_kernel(self._probabilities_function(), self.image_shape, path)
             return self._kernels[path]
 
 
-def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, int], path: str):
+def _trace_path_kernel(probabilities: Callable[[tf.Tensor], tf.Tensor], image_shape: tuple[int, int, int],
+                       path: str):
     """A concrete function computing, for a chunk of path nodes, the per-group sums of
     ``weight * grad F(point) * dpoint/dalpha``, ``dF/dalpha`` and ``F`` at each node, and
     ``grad F(point)`` itself for the chunk's first ``raw_count`` nodes (ends to be shared)."""
@@ -281,7 +292,7 @@ def _trace_path_kernel(xai_model, output_key: str, image_shape: tuple[int, int, 
         points, velocity = make_points(inputs, baselines, node_rows, alphas, max_sigma)
         with tf.GradientTape() as tape:
             tape.watch(points)
-            probs = xai_model(**{CONCRETE_INPUT: points})[output_key]
+            probs = probabilities(points)
             # Rows are independent, so the gradient of the sum is each row's own gradient.
             target = tf.gather(probs, tf.gather(classes, node_rows), batch_dims=1)
         raw = tape.gradient(target, points)
@@ -320,13 +331,17 @@ def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = 
 
 
 def load_explainable_model(model_dir: str, batch_size: int | None = None,
-                           loaded: Any = None) -> ExplainableModel:
+                           loaded: Any = None, fold_norms: bool = True) -> ExplainableModel:
     """Load an exported model with its ``labels.txt`` and ``explanation_metadata.json``.
 
     ``batch_size``: path nodes per forward+backward call; None measures the fastest of
     :data:`BATCH_SIZE_CANDIDATES` on this machine (:func:`calibrate_batch_size`).
     ``loaded``: the SavedModel already loaded from ``model_dir`` (a server that also runs its
     ``serving_default``), so its variables are held once and not loaded again.
+    ``fold_norms``: run gradients through the ``xai_model`` with its inference batch normalizations
+    folded into their convolutions (:func:`explain.folding.fold_batch_norms`: the same function to
+    float32 rounding, checked at load, and a third cheaper to differentiate on MobileNetV2);
+    False runs the signature as exported.
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 path nodes per call (or None: measured), got {batch_size}")
@@ -341,6 +356,11 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
     model = ExplainableModel(model_dir=model_dir, labels=read_labels(model_dir),
                              metadata=read_explanation_metadata(model_dir),
                              batch_size=batch_size or DEFAULT_BATCH_SIZE, _loaded=loaded)
+    if fold_norms:
+        height, width, channels = model.image_shape
+        probes = np.stack([np.full((height, width, channels), v, np.float32) for v in (0.0, 0.5, 1.0)]
+                          + [np.random.default_rng(0).uniform(0, 1, (height, width, channels)).astype(np.float32)])
+        model.folded = fold_batch_norms(model._xai_model, model.output_key, probes)
     model._kernel(LINEAR)  # trace the common kernel now, not inside the first request
     if batch_size is None:
         calibrate_batch_size(model)

@@ -182,6 +182,12 @@ def test_quick_bench_writes_its_comparisons(tmp_path, backbone_dir):
     assert len(scores) == 6 + len(QUICK.map_fixed_steps) and all(len(s["l1"]) == 1 for s in scores.values())
     timed = set(results["comparisons"]["ig_speed"]["raw"]["timings"]["0.05"]["seconds"])
     assert {"ours (adaptive, default request)", "ours (adaptive, completeness only: map_target null)"} <= timed
+    # both floors: the exported graph the references run, and the graph ours runs, every
+    # normalization of MobileNetV2 folded
+    from bench.ig_speed import FLOOR, OWN_FLOOR
+
+    assert {FLOOR, OWN_FLOOR} <= timed
+    assert results["comparisons"]["ig_speed"]["raw"]["folded_normalizations"] == [52, 52]
     assert all(0.0 <= s["iou"][0] <= 1.0 and s["l1"][0] >= 0.0 for s in scores.values())
 
 
