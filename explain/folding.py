@@ -28,7 +28,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.framework import convert_to_constants
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def fold_batch_norms(signature, output_key: str, probes: np.ndarray) -> FoldedFu
     input_name = signature.inputs[0].name
     # a signature's outputs are its structured outputs flattened, a dict's in sorted key order
     output_name = signature.outputs[sorted(signature.structured_outputs).index(output_key)].name
-    graph_def = convert_variables_to_constants_v2(signature).graph.as_graph_def()
+    graph_def = _frozen_graph_def(signature)
     folded, normalizations = fold_graph_def(graph_def)
     if not folded:
         return None
@@ -81,6 +81,19 @@ def fold_batch_norms(signature, output_key: str, probes: np.ndarray) -> FoldedFu
                     "(> %g) on probe images; gradients use the graph as exported", difference, OUTPUT_TOLERANCE)
         return None
     return FoldedFunction(function, folded, normalizations)
+
+
+def _frozen_graph_def(signature) -> graph_pb2.GraphDef:
+    """``signature``'s graph with its variables as constants and its calls inlined. The public
+    ``convert_variables_to_constants_v2`` also builds a concrete function of the result, which
+    takes 2.5 of its 2.8 s on MobileNetV2 and is not used here: the GraphDef is taken before that
+    step (the same two calls it makes), or from the public function if a TensorFlow lacks them."""
+    try:
+        data = convert_to_constants._FunctionConverterDataInEager(func=signature, lower_control_flow=True,
+                                                                  aggressive_inlining=False)
+        return convert_to_constants._replace_variables_by_constants(converter_data=data)[0]
+    except AttributeError:  # pragma: no cover - another TensorFlow's internals
+        return convert_to_constants.convert_variables_to_constants_v2(signature).graph.as_graph_def()
 
 
 def fold_graph_def(graph_def: graph_pb2.GraphDef) -> tuple[int, int]:
