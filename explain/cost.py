@@ -23,7 +23,8 @@ from explain.visualization import parse_visualization
 #: must fit: XRAI integrates from two baselines (black and white), each path up to the adaptive
 #: cap of a few hundred evaluations (2 x 400 = 800), plus its region steps (about 20). 1000 is the
 #: round figure above that: on
-#: MobileNetV2 @ 192 (about 15 ms per evaluation on 2 cores) the worst case is about 15 s, while
+#: MobileNetV2 @ 192 (about 10-13 ms per evaluation on 2 cores, through the folded graph of
+#: :mod:`explain.folding`) the worst case is about 10 s, while
 #: adaptive IG usually stops far below its cap; the request deadline bounds the rest.
 DEFAULT_EXPLAIN_BUDGET = 1000
 
@@ -31,8 +32,9 @@ DEFAULT_EXPLAIN_BUDGET = 1000
 #: XRAI's region steps make no model call but are not free: multi-scale segmentation once per
 #: image (0.5-0.6 s on one core, measured on 192 x 192 validation images) and region ranking once
 #: per explained output (0.06-0.09 s with :func:`explain.xrai.rank_regions`), each about as long
-#: as this many gradient evaluations of MobileNetV2 @ 192 on 2 cores (34-45 ms each). Counted so
-#: the budget bounds them.
+#: as this many gradient evaluations of MobileNetV2 @ 192 on the 2-core host they were measured on
+#: (34-45 ms each). Counted so the budget bounds them; on the current host an evaluation costs about
+#: 10 ms, so they count for less than their time there, and the request deadline bounds the rest.
 XRAI_SEGMENTATION_COST = 16
 XRAI_RANKING_COST = 3
 

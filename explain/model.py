@@ -5,7 +5,10 @@ what Vertex's explanation service uses, so a local explanation explains the arte
 deployed. Path gradients are computed in one traced ``tf.function`` per path kind: the path
 points are built, the model is run forward and backward on them, and the weighted gradient
 sums are reduced per group, all in the graph, over near-equal chunks of at most a batch of nodes
-(bounded memory, no retracing: every shape in the input signature is dynamic). Traced functions are cached on
+(bounded memory, no retracing: every shape in the input signature is dynamic). The model run there is
+the ``xai_model`` with its batch normalizations folded into its convolutions (:mod:`explain.folding`:
+the same function, a third cheaper to differentiate), checked against the signature when the model
+is loaded. Traced functions are cached on
 the model object, and calling a traced concrete function is thread-safe, so one
 :class:`ExplainableModel` serves concurrent requests.
 
@@ -42,7 +45,8 @@ from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FI
 #: the fastest per node is kept, because the best size is the machine's. MobileNetV2 1.0 @ 192, ms per
 #: node, 2 cores: on one host 57 alone, 43 in 4s, 41 in 8s, 48 in 16s, 58 in 32s (past 8 the
 #: activations no longer fit its caches); on another 32 alone, 20 in 4s, 17.6 in 8s, 15.4 in 16s,
-#: 14.6 in 32s. Not past 16: a call holds about 40 MB of activations per node (770 MB at 16,
+#: 14.6 in 32s, and through the folded graph (:mod:`explain.folding`) 19 alone, 10.7 in 4s, 8.8 in
+#: 8s, 9.0 in 16s. Not past 16: a call holds about 40 MB of activations per node (770 MB at 16,
 #: 1.4 GB at 32), per concurrent request. ``make bench`` prints the whole curve for its machine.
 BATCH_SIZE_CANDIDATES = (4, 8, 16)
 #: Chunk size when calibration is skipped (``load_explainable_model(batch_size=...)`` given).
