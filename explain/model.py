@@ -21,6 +21,7 @@ byte-bounded cache. Baselines that never recur (random, blurred) are not kept.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import posixpath
 import threading
@@ -40,6 +41,8 @@ from explain.paths import LINEAR, SCALE_SPACE, frequency_squared
 from trainer.export import read_explanation_metadata, read_labels
 from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
                             XAI_MODEL_SIGNATURE, XAI_PREPROCESS_SIGNATURE)
+
+log = logging.getLogger(__name__)
 
 #: Path nodes per forward+backward call, tried when a model is loaded (:func:`calibrate_batch_size`):
 #: the fastest per node is kept, because the best size is the machine's. MobileNetV2 1.0 @ 192, ms per
@@ -308,6 +311,13 @@ def _trace_path_kernel(probabilities: Callable[[tf.Tensor], tf.Tensor], image_sh
     return kernel.get_concrete_function()
 
 
+def _one_gradient(model: ExplainableModel, image: np.ndarray) -> None:
+    """One node of the linear path kernel on ``image`` ``[1, H, W, C]`` (traces it)."""
+    model._kernel(LINEAR)(tf.constant(image), tf.constant(np.zeros_like(image)), tf.constant([0], tf.int32),
+                          tf.constant([0], tf.int32), tf.constant([0], tf.int32), tf.constant([0.5]),
+                          tf.constant([1.0]), tf.constant(1, tf.int32), tf.constant(0.0), tf.constant(0, tf.int32))
+
+
 def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = BATCH_SIZE_CANDIDATES,
                          repeats: int = 2) -> dict[int, float]:
     """Seconds per node of the linear path kernel at each candidate chunk size (the best of
@@ -365,6 +375,14 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
         probes = np.stack([np.full((height, width, channels), v, np.float32) for v in (0.0, 0.5, 1.0)]
                           + [np.random.default_rng(0).uniform(0, 1, (height, width, channels)).astype(np.float32)])
         model.folded = fold_batch_norms(model._xai_model, model.output_key, probes)
+        if model.folded is not None:
+            try:  # the folded graph is differentiated here first: a failure falls back, not the model
+                _one_gradient(model, probes[1:2])
+            except Exception as error:  # noqa: BLE001 - folding is an optimization
+                log.warning("the folded graph cannot be differentiated (%s: %s); gradients use the graph as exported",
+                            type(error).__name__, error)
+                model.folded = None
+                model._kernels.clear()
     model._kernel(LINEAR)  # trace the common kernel now, not inside the first request
     if batch_size is None:
         calibrate_batch_size(model)
