@@ -105,7 +105,8 @@ def _fold(signature, output_key: str, probes: np.ndarray) -> FoldedFunction | No
     both = tf.compat.v1.wrap_function(import_both, [tf.TensorSpec([None, *probes.shape[1:]], tf.float32)])
     tensor = both.graph.get_tensor_by_name
     check = both.prune(both.inputs[0], [[tensor(f"original/{norm}:0"), tensor(f"folded/{add}:0")] for norm, add in pairs])
-    for (norm, _), (before, after) in zip(pairs, check(tf.constant(probes, tf.float32))):
+    probes = tf.constant(probes, tf.float32)
+    for (norm, _), (before, after) in zip(pairs, check(probes)):
         scale = max(float(tf.reduce_max(tf.abs(before))), np.finfo(np.float32).tiny)
         difference = float(tf.reduce_max(tf.abs(after - before))) / scale
         if not difference <= ACTIVATION_TOLERANCE:  # NaN too
@@ -114,13 +115,7 @@ def _fold(signature, output_key: str, probes: np.ndarray) -> FoldedFunction | No
                         ACTIVATION_TOLERANCE)
             return None
 
-    def import_graph():
-        tf.compat.v1.import_graph_def(graph_def, name="")
-
-    wrapped = tf.compat.v1.wrap_function(import_graph, [])
-    function = wrapped.prune(wrapped.graph.get_tensor_by_name(input_name),
-                             wrapped.graph.get_tensor_by_name(output_name))
-    probes = tf.constant(probes, tf.float32)
+    function = both.prune(both.inputs[0], tensor(f"folded/{output_name}"))  # the folded nodes alone
     expected = signature(**{argument: probes})[output_key]
     difference = float(tf.reduce_max(tf.abs(function(probes) - expected)))
     if not difference <= OUTPUT_TOLERANCE:  # NaN too
@@ -138,14 +133,6 @@ def _simplified(graph_def: graph_pb2.GraphDef, outputs: list[str]) -> graph_pb2.
     nodes = {node.name: node for node in graph_def.node}
     kept = set(outputs)
 
-    def source(name: str) -> str:
-        tensor = _tensor(name)
-        node = nodes[tensor.split(":")[0]]
-        while node.op == "Identity" and node.name not in kept:
-            tensor = _tensor(node.input[0])
-            node = nodes[tensor.split(":")[0]]
-        return tensor
-
     out = graph_pb2.GraphDef()
     out.versions.CopyFrom(graph_def.versions)
     out.library.CopyFrom(graph_def.library)
@@ -159,7 +146,7 @@ def _simplified(graph_def: graph_pb2.GraphDef, outputs: list[str]) -> graph_pb2.
             del copy.attr["_class"]
         for name in node.input:
             if not name.startswith("^"):
-                copy.input.append(source(name))
+                copy.input.append(_through_identities(nodes, name, kept)[1])
             elif nodes[name[1:]].op not in ("Identity", "NoOp", "Const"):
                 copy.input.append(name)
     needed, stack = set(), list(outputs)  # what the outputs read, directly or not
@@ -224,15 +211,6 @@ def fold_graph_def(graph_def: graph_pb2.GraphDef) -> tuple[list[tuple[str, str]]
             if not name.startswith("^"):
                 consumers[_tensor(name)].append(node)
 
-    def resolve(name: str) -> tuple[node_def_pb2.NodeDef, str]:
-        """The node and tensor behind ``name``, through ``Identity`` nodes."""
-        tensor = _tensor(name)
-        node = nodes[tensor.split(":")[0]]
-        while node.op == "Identity":
-            tensor = _tensor(node.input[0])
-            node = nodes[tensor.split(":")[0]]
-        return node, tensor
-
     def only_reaches(tensor: str, target: node_def_pb2.NodeDef) -> bool:
         """Whether every consumer of ``tensor``, through ``Identity`` nodes, is ``target``."""
         for consumer in consumers[tensor]:
@@ -249,11 +227,11 @@ def fold_graph_def(graph_def: graph_pb2.GraphDef) -> tuple[list[tuple[str, str]]
         if norm.attr["is_training"].b or norm.attr["data_format"].s not in (b"", b"NHWC") \
                 or norm.attr["T"].type != tf.float32.as_datatype_enum:
             continue
-        conv, conv_tensor = resolve(norm.input[0])
+        conv, conv_tensor = _through_identities(nodes, norm.input[0])
         if conv.op not in _CONVOLUTIONS or conv_tensor != conv.name + ":0" \
                 or conv.attr["data_format"].s not in (b"", b"NHWC") or not only_reaches(conv_tensor, norm):
             continue
-        inputs = [resolve(name)[0] for name in (conv.input[1], *norm.input[1:5])]
+        inputs = [_through_identities(nodes, name)[0] for name in (conv.input[1], *norm.input[1:5])]
         if any(node.op != "Const" for node in inputs):
             continue
         weights, gamma, beta, mean, variance = (tf.make_ndarray(n.attr["value"].tensor) for n in inputs)
@@ -275,6 +253,18 @@ def fold_graph_def(graph_def: graph_pb2.GraphDef) -> tuple[list[tuple[str, str]]
                     consumer.input[i] = add.name
         folded.append((norm.name, add.name))
     return folded, len(normalizations)
+
+
+def _through_identities(nodes: dict[str, node_def_pb2.NodeDef], name: str,
+                        stop: set[str] = frozenset()) -> tuple[node_def_pb2.NodeDef, str]:
+    """The node and tensor (``node:k``) behind input ``name``, through ``Identity`` nodes (not
+    through those named in ``stop``)."""
+    tensor = _tensor(name)
+    node = nodes[tensor.split(":")[0]]
+    while node.op == "Identity" and node.name not in stop:
+        tensor = _tensor(node.input[0])
+        node = nodes[tensor.split(":")[0]]
+    return node, tensor
 
 
 def _tensor(name: str) -> str:

@@ -311,11 +311,13 @@ def _trace_path_kernel(probabilities: Callable[[tf.Tensor], tf.Tensor], image_sh
     return kernel.get_concrete_function()
 
 
-def _one_gradient(model: ExplainableModel, image: np.ndarray) -> None:
-    """One node of the linear path kernel on ``image`` ``[1, H, W, C]`` (traces it)."""
-    model._kernel(LINEAR)(tf.constant(image), tf.constant(np.zeros_like(image)), tf.constant([0], tf.int32),
-                          tf.constant([0], tf.int32), tf.constant([0], tf.int32), tf.constant([0.5]),
-                          tf.constant([1.0]), tf.constant(1, tf.int32), tf.constant(0.0), tf.constant(0, tf.int32))
+def _interior_nodes(image: np.ndarray, n: int) -> tuple:
+    """The linear path kernel's arguments for ``n`` evenly spaced interior nodes of the path from
+    black to ``image`` ``[1, H, W, C]``, class 0, each node its own group."""
+    return (tf.constant(image), tf.constant(np.zeros_like(image)), tf.constant([0], tf.int32),
+            tf.zeros([n], tf.int32), tf.range(n, dtype=tf.int32),
+            tf.constant(np.linspace(0.0, 1.0, n + 2)[1:-1], tf.float32), tf.ones([n], tf.float32),
+            tf.constant(n, tf.int32), tf.constant(0.0), tf.constant(0, tf.int32))
 
 
 def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = BATCH_SIZE_CANDIDATES,
@@ -329,10 +331,7 @@ def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = 
     image = np.full((1, *model.image_shape), 0.5, np.float32)
     per_node: dict[int, float] = {}
     for n in candidates:
-        args = (tf.constant(image), tf.constant(np.zeros_like(image)), tf.constant([0], tf.int32),
-                tf.zeros([n], tf.int32), tf.range(n, dtype=tf.int32),
-                tf.constant(np.linspace(0.0, 1.0, n + 2)[1:-1], tf.float32), tf.ones([n], tf.float32),
-                tf.constant(n, tf.int32), tf.constant(0.0), tf.constant(0, tf.int32))
+        args = _interior_nodes(image, n)
         seconds = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
@@ -377,7 +376,7 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
         model.folded = fold_batch_norms(model._xai_model, model.output_key, probes)
         if model.folded is not None:
             try:  # the folded graph is differentiated here first: a failure falls back, not the model
-                _one_gradient(model, probes[1:2])
+                model._kernel(LINEAR)(*_interior_nodes(probes[1:2], 1))
             except Exception as error:  # noqa: BLE001 - folding is an optimization
                 log.warning("the folded graph cannot be differentiated (%s: %s); gradients use the graph as exported",
                             type(error).__name__, error)
