@@ -109,11 +109,11 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     """The panels to bisect this round, worst first.
 
     Completeness (``signed``: the residuals are the signed pieces of the path's error, which is
-    their sum): the largest residuals of the error's sign, until they sum to twice the excess of
+    their sum): the largest residuals of the error's sign, until they cover the excess of
     ``|sum|`` over ``tolerance``. A panel's residual mostly comes from a kink of the model's
     output along the path (ReLU6 boundaries): bisecting it leaves the kink in one half, whose
-    residual takes either sign at about half the size, so a split takes roughly its panel's
-    residual out of the sum, and twice the excess is the margin for what the halves leave.
+    residual takes either sign at about half the size, so a split takes about its panel's
+    residual out of the sum, and splitting panels that cover the excess removes it on average.
     Sizes whose error is not their sum (``signed=False``: the map's, :func:`_map_residual`): every
     panel over a random-walk allowance ``tolerance * sqrt(w)`` (n equal panels at their allowance
     sum to about ``tolerance``), else those over the strict share ``tolerance * w``, else the
@@ -123,14 +123,17 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     jumps where no gradient sees it.
 
     Measured on MobileNetV2 1.0 @ 192 (from 5 grid points, cap 400; the 12 validation images of
-    ``make bench`` section 1 / 24 further ones): to 0.05 a median of 21 / 21 evaluations per
-    path (mean 24 / 26, worst 53 / 81), and to 0.01 35 / 37 (mean 37 / 41, worst 70 / 113, every
-    path within its target). The rule before split every panel over the random-walk allowance
-    first, as the map's still does: to 0.05 19 / 24 (mean 33 / 45, worst 144 / 212), to 0.01
-    116 / 88 (mean 124 / 157, worst 341 / 400), and 6 of the 24 spent the cap, one still at
-    error 0.086. It over-split: its paths ended at a median error of 0.005 against a target of
-    0.01, this rule's at 0.0042-0.0048 with a third of the evaluations; larger allowances (2x to
-    10x) fell in between."""
+    ``make bench`` section 1 / 24 further ones), completeness alone: to 0.05 a median of 10 / 11.5
+    evaluations per path (mean 13 / 13, worst 28 / 26), to 0.01 20.5 / 15.5 (mean 20 / 18, worst
+    30 / 41), every path within its target. Covering twice the excess took 21 / 21 and 34.5 / 37
+    (worst 113), three times 23 / 23.5 and 66 / 56.5 (3 of the 24 spent the cap). The rule before
+    split every panel over the random-walk allowance first, as the map's still does: 19 / 24 to
+    0.05 (worst 144 / 212), 116 / 88 to 0.01, where 6 of the 24 spent the cap, one still at error
+    0.086. With the default ``map_target`` (0.1, real runs on the 12 images) the map's splits do
+    most of the work: to 0.05 a median of 51 evaluations against 53 covering twice the excess,
+    to 0.01 55 against 76. Completeness alone is met partly by cancellation between the panels,
+    on grids this coarse: its maps are far from the integral (``make bench`` section 1b), which
+    is what ``map_target`` is for."""
     splittable = widths > 2 * MIN_PANEL_WIDTH
     size = np.abs(residuals)
     order = [int(i) for i in np.argsort(-size, kind="stable") if splittable[i]]
@@ -139,7 +142,7 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     if signed:  # splitting a panel shrinks its residual, so only those of the error's sign move it toward the target
         toward = [i for i in order if residuals[i] * residuals.sum() > 0] or order[:1]
         shares = np.cumsum(size[toward])
-        return toward[:int(np.searchsorted(shares, 2 * (abs(residuals.sum()) - tolerance))) + 1]
+        return toward[:int(np.searchsorted(shares, abs(residuals.sum()) - tolerance)) + 1]
     chosen = [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]
     return chosen or [i for i in order if size[i] > tolerance * widths[i]] or order[:1]
 
@@ -202,7 +205,7 @@ class IntegratedGradients:
     there, so each panel [a, b] carries its exact local residual
     ``(b - a) (g(a) + g(b)) / 2 - (F(b) - F(a))`` (g = dF/dalpha) at no extra cost; panels are
     bisected, one new evaluation each, the largest residuals of the error's sign first, enough of
-    them to cover twice the excess over the target (:func:`_panels_to_split`), all paths' bisections batched in one model call per round, until
+    them to cover the excess over the target (:func:`_panels_to_split`), all paths' bisections batched in one model call per round, until
     the path's relative completeness error is at most ``target_error`` or ``max_step_count``
     evaluations are spent. The residuals sum to the path's completeness error, so the error
     reported is exactly the error of the attribution returned.
