@@ -72,7 +72,8 @@ def test_completeness_splits_the_largest_residuals_of_the_errors_sign_to_cover_t
     # MobileNetV2, and spent the whole cap on 6 of 24 validation images)
     assert _panels_to_split(np.array([0.52, 0.51, 0.06, -0.04]), widths, 1.0) == [0]
     # a large residual against the error's sign is left: splitting it would move the sum away
-    assert _panels_to_split(np.array([1.5, -0.8, 0.5, 0.1]), widths, 1.0) == [0]
+    fifths = np.full(5, 0.2)
+    assert _panels_to_split(np.array([0.6, -0.65, 0.6, 0.6, 0.6]), fifths, 1.0) == [0, 2]
     # sizes that are not signed pieces of the error (the map's): those over the random-walk allowance,
     assert _panels_to_split(np.array([0.6, 0.1, 0.9, 0.3]), widths, 1.0, signed=False) == [2, 0]
     # else those over their strict share
@@ -87,6 +88,9 @@ def test_completeness_splits_the_largest_residuals_of_the_errors_sign_to_cover_t
     stuck = np.array([2 * MIN_PANEL_WIDTH, 0.5, 0.5 - 2 * MIN_PANEL_WIDTH])
     assert _panels_to_split(np.array([1.0, 0.9, 1e-9]), stuck, 0.1) == [1]
     assert _panels_to_split(np.array([1.0, 0.05, 1e-9]), stuck, 0.1) == []
+    # not stuck when the residuals against the narrowest panels' sign offset them: the others go
+    assert _panels_to_split(np.array([0.12, 0.06, -0.05]), stuck, 0.1) == [1]
+    assert _panels_to_split(np.array([-0.2, 0.05, 0.3]), stuck, 0.1) == [2]  # overshooting offsets shrink
 
 
 class _JumpModel:
