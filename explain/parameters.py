@@ -57,13 +57,15 @@ DEFAULT_MAX_ADAPTIVE_STEPS = 400
 #: Vertex's threshold for a faithful attribution; the default refinement target.
 DEFAULT_TARGET_ERROR = 0.05
 #: The default ``map_target`` of both methods with refinement on (``make bench`` sections 1b and 2,
-#: on the current build). IG: completeness to 5% alone left the maps of MobileNetV2 a median 0.43
-#: (worst 2.4) in relative L1 from the converged integral, where the tutorial's trapezoid at 100
-#: steps is at 0.19; with 0.1 they are at 0.074 (worst 0.097) for a median of 55.5 evaluations
-#: against 16. XRAI, judged on its segments' mean attributions: on 12 validation images its top
-#: 10% regions overlap ``saliency.XRAI``'s at 200 steps from black and white at a median of 1.00,
-#: worst 0.87 (completeness alone, untimed: 0.95, worst 0.63), for a median of 54 evaluations per
-#: path against 51 (mean 121 against 77); the same target on the pixels cost a mean of 147.
+#: on the current build). IG: completeness to 5% alone leaves the maps of MobileNetV2 a median 0.86
+#: (worst 2.4) in relative L1 from the converged integral, on grids of a median 10 points (the
+#: refinement meets the sum partly by cancellation), where the tutorial's trapezoid at 100 steps is
+#: at 0.20; with 0.1 they are at 0.086 (worst 0.11) for a median of 50 evaluations. XRAI, judged on
+#: its segments' mean attributions: on 12 validation images its top 10% regions overlap
+#: ``saliency.XRAI``'s at 200 steps from black and white at a median of 0.98, worst 0.87 (under the
+#: refinement rule before, completeness alone in an untimed trial: 0.95, worst 0.63, for a median of
+#: 51 evaluations per path against 54 with the target, mean 77 against 121; the same target on the
+#: pixels cost a mean of 147).
 DEFAULT_MAP_TARGET = 0.1
 # Validation caps (not Vertex's; they keep every number finite and every list short, so a tiny
 # request cannot ask for unbounded work; a server's cost budget then bounds the product).
