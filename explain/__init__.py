@@ -14,7 +14,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "explain_images": "explain.explainer",
+    "explain_images": "explain.explainer", "NonFiniteAttributionError": "explain.explainer",
     "explain_files": "explain.files",
     "ExplainableModel": "explain.model", "ModelLoadError": "explain.model", "load_explainable_model": "explain.model",
     "EXTENSION_KEYS": "explain.parameters", "ExplanationConfig": "explain.parameters",

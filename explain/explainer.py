@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from explain.integrated_gradients import DEGENERATE, LIMIT, MIN_PANEL_WIDTH, RESOLUTION, IntegratedGradients
+from explain.integrated_gradients import (DEGENERATE, LIMIT, MIN_PANEL_WIDTH, NONFINITE, RESOLUTION,
+                                          IntegratedGradients)
 from explain.model import ExplainableModel
 from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
                                 ExplanationParametersError, parse_explanation_parameters, start_step_count)
@@ -29,6 +30,12 @@ MIN_OUTPUT_DELTA = 0.05
 #: Sigma (pixels) of the ``blurred`` named baseline when no ``blur_baseline_config`` gives one.
 DEFAULT_BLUR_SIGMA = 20.0
 _METHOD_DEFAULT_BASELINES = {"integrated_gradients": ("black",), XRAI_METHOD: ("black", "white")}
+
+
+class NonFiniteAttributionError(ValueError):
+    """The model's output or gradient is NaN or infinite on an explained path: no attribution
+    exists, and the request cannot fix it by itself (a server answers 500 with this message, after
+    the path stopped at the first such point instead of spending its whole budget)."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,11 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
             attr = ig.attributions[rows].mean(axis=0)
             deltas = np.abs(ig.instance_outputs[rows] - ig.baseline_outputs[rows])
             error = float(ig.absolute_errors[rows].sum() / max(deltas.sum(), np.finfo(np.float32).tiny))
+            if NONFINITE in ig.stop_reasons[rows] or not (np.isfinite(attr).all() and np.isfinite(error)):
+                raise NonFiniteAttributionError(
+                    f"instance {i}, output {io.display_names[c]!r}: the model's output or gradient is not finite "
+                    f"(NaN or inf) on the path from the baseline, so it has no attribution; look for an overflow "
+                    f"in the model on this input (an exp or a log at the edge of its range), or use another baseline")
             instance, baseline = float(probs[i, c]), float(ig.baseline_outputs[rows].mean())
             if xrai:
                 checkpoint()  # the region steps make no model call: a wrapper's cancellation checks here

@@ -42,6 +42,9 @@ FIXED, CONVERGED, LIMIT, DEGENERATE = "fixed", "converged", "limit", "degenerate
 #: the tolerance and no other panel is over its allowance: the output jumps where the gradient
 #: cannot see it (a discontinuity, or float32 noise), so more evaluations would not help.
 RESOLUTION = "resolution"
+#: The model's output or gradient is NaN or infinite somewhere on the path: nothing to refine (an
+#: overflow the next split would only meet again), so the path stops at once.
+NONFINITE = "non_finite"
 
 
 @dataclass
@@ -91,7 +94,8 @@ class IntegratedGradientsOutput:
     step_counts: np.ndarray       # [R] gradient evaluations spent on each path
     #: [R] why each path stopped: FIXED (no refinement asked), CONVERGED (target met), LIMIT
     #: (``max_step_count`` reached first), RESOLUTION (the rest of the error is in panels too
-    #: narrow to split) or DEGENERATE (output gap below ``min_output_gap``)
+    #: narrow to split), DEGENERATE (output gap below ``min_output_gap``) or NONFINITE (the
+    #: model's output or gradient is NaN or infinite on the path)
     stop_reasons: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     #: [R] adaptive mode: the estimated relative L1 error (:func:`_map_error`) of the map each path
     #: is averaged into (its group's; its own by default), a check completeness cannot make;
@@ -457,6 +461,9 @@ class IntegratedGradients:
             for r in active:
                 widths, res = panels[r]
                 g = int(groups[r])
+                if not np.isfinite(errors_now[r]):  # a NaN compares false to every allowance
+                    reasons[r] = NONFINITE
+                    continue
                 tolerance = tolerances[r]
                 is_complete = complete(r, group_errors)
                 map_met = map_target is None or group_map_met[g]

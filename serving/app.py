@@ -295,7 +295,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     def explained(served: ServedModel, images: list[bytes], parameters: dict, metadata: dict | None,
                   token: CancellationToken) -> list[dict]:
         """Vertex-shaped explanations, after the request's cost is checked against the budget."""
-        from explain import ExplanationParametersError, explain_images
+        from explain import ExplanationParametersError, NonFiniteAttributionError, explain_images
         from explain.cost import ExplanationCostError, check_cost, request_cost
         from trainer.export import read_explanation_metadata
 
@@ -315,6 +315,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             return explain_images(model, pixels, parameters, metadata)
         except ExplanationParametersError as e:  # e.g. an override that does not fit this model
             raise RequestError(f"explanation: {e}") from e
+        except NonFiniteAttributionError as e:  # the model's fault, said as such; the server goes on
+            log.warning("explanation failed: %s", e)
+            raise RequestError(f"explanation: {e}", code=500) from e
 
     def predict(name: str, body: dict[str, Any], token: CancellationToken) -> tuple[dict, dict, list]:
         _, deployed, served = resolve(name)

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from saliency import core as saliency_core
 
-from explain import explain_images, load_explainable_model
-from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT, MIN_PANEL_WIDTH,
+from explain import NonFiniteAttributionError, explain_images, load_explainable_model
+from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT, MIN_PANEL_WIDTH, NONFINITE,
                                           RESOLUTION, IntegratedGradients, PathResult, _panels_to_split)
 from explain.testing import export_saturating_classifier, smooth_images
 
@@ -438,6 +438,32 @@ def test_refinement_stops_early_and_says_why(saturating_model, images):
     np.testing.assert_allclose(met.attributions.sum(axis=(1, 2, 3)),
                                met.instance_outputs - met.baseline_outputs,
                                atol=float(0.01 * np.abs(met.instance_outputs - met.baseline_outputs).max()) + 1e-6)
+
+
+class _OverflowingGradients:
+    """A real model whose gradient overflows on the second half of every path (fault injection)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def path_gradients(self, batch):
+        result = self._model.path_gradients(batch)
+        result.node_derivatives[batch.alphas > 0.5] = np.nan
+        return result
+
+
+def test_a_gradient_that_is_not_finite_stops_the_path_at_once_and_fails_the_request_clearly(tiny_model, images):
+    broken = _OverflowingGradients(tiny_model)
+    x, b, classes = _paths(tiny_model, images)
+    before = tiny_model.evaluations
+    out = IntegratedGradients().GetMask(x, b, classes, broken, step_count=5, target_error=0.01, max_step_count=400)
+    assert list(out.stop_reasons) == [NONFINITE, NONFINITE] and list(out.step_counts) == [5, 5]
+    assert tiny_model.evaluations - before <= 10  # the first round only, not the cap's 400 per path
+    with pytest.raises(NonFiniteAttributionError, match=r"instance 0, output .*not finite.*another baseline"):
+        explain_images(broken, images[:1], {"integrated_gradients_attribution": {"step_count": 5}})
 
 
 def test_default_explanations_are_refined_and_warn_only_when_they_must(saturating_model, images):
