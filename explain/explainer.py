@@ -14,8 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from explain.integrated_gradients import (DEGENERATE, LIMIT, MIN_PANEL_WIDTH, NONFINITE, RESOLUTION,
-                                          IntegratedGradients)
+from explain.integrated_gradients import DEGENERATE, LIMIT, MIN_PANEL_WIDTH, RESOLUTION, IntegratedGradients
 from explain.model import ExplainableModel
 from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
                                 ExplanationParametersError, parse_explanation_parameters, start_step_count)
@@ -256,7 +255,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
             attr = ig.attributions[rows].mean(axis=0)
             deltas = np.abs(ig.instance_outputs[rows] - ig.baseline_outputs[rows])
             error = float(ig.absolute_errors[rows].sum() / max(deltas.sum(), np.finfo(np.float32).tiny))
-            if NONFINITE in ig.stop_reasons[rows] or not (np.isfinite(attr).all() and np.isfinite(error)):
+            if not (np.isfinite(attr).all() and np.isfinite(error)):  # a path stopped as NONFINITE has a NaN error
                 raise NonFiniteAttributionError(
                     f"instance {i}, output {io.display_names[c]!r}: the model's output or gradient is not finite "
                     f"(NaN or inf) on the path from the baseline, so it has no attribution; look for an overflow "

@@ -38,9 +38,10 @@ DEGENERATE_STEP_COUNT = 16
 
 #: Why a path stopped (``IntegratedGradientsOutput.stop_reasons``).
 FIXED, CONVERGED, LIMIT, DEGENERATE = "fixed", "converged", "limit", "degenerate"
-#: The narrowest panels (at most twice :data:`MIN_PANEL_WIDTH` wide, so no longer split) alone miss
-#: the tolerance and no other panel is over its allowance: the output jumps where the gradient
-#: cannot see it (a discontinuity, or float32 noise), so more evaluations would not help.
+#: The narrowest panels (at most twice :data:`MIN_PANEL_WIDTH` wide, so no longer split) miss the
+#: tolerance whatever the other panels' splits do, and none of those is over its allowance: the
+#: output jumps where the gradient cannot see it (a discontinuity, or float32 noise), so more
+#: evaluations would not help.
 RESOLUTION = "resolution"
 #: The model's output or gradient is NaN or infinite somewhere on the path: nothing to refine (an
 #: overflow the next split would only meet again), so the path stops at once.
@@ -143,18 +144,18 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     splittable = widths > 2 * MIN_PANEL_WIDTH
     size = np.abs(residuals)
     order = [int(i) for i in np.argsort(-size, kind="stable") if splittable[i]]
+    over = [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]  # the random-walk allowance
     narrow = residuals[~splittable].sum()
     # splits shrink residuals toward 0, so the nearest to 0 the sum can come is the narrowest
     # panels' with (signed) the residuals that offset them kept whole and the others gone
     nearest = narrow + (residuals[splittable & (residuals * narrow < 0)].sum() if signed else 0.0)
     if np.sign(narrow) * nearest > tolerance:  # stuck
-        return [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]
+        return over
     if signed:  # splitting a panel shrinks its residual, so only those of the error's sign move it toward the target
         toward = [i for i in order if residuals[i] * residuals.sum() > 0] or order[:1]
         shares = np.cumsum(size[toward])
         return toward[:int(np.searchsorted(shares, abs(residuals.sum()) - tolerance)) + 1]
-    chosen = [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]
-    return chosen or [i for i in order if size[i] > tolerance * widths[i]] or order[:1]
+    return over or [i for i in order if size[i] > tolerance * widths[i]] or order[:1]
 
 
 def _map_residual(width: float, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -215,9 +216,9 @@ class IntegratedGradients:
     there, so each panel [a, b] carries its exact local residual
     ``(b - a) (g(a) + g(b)) / 2 - (F(b) - F(a))`` (g = dF/dalpha) at no extra cost; panels are
     bisected, one new evaluation each, the largest residuals of the error's sign first, enough of
-    them to cover the excess over the target (:func:`_panels_to_split`), all paths' bisections batched in one model call per round, until
-    the path's relative completeness error is at most ``target_error`` or ``max_step_count``
-    evaluations are spent. The residuals sum to the path's completeness error, so the error
+    them to cover the excess over the target (:func:`_panels_to_split`), all paths' bisections
+    batched in one model call per round, until the path's relative completeness error is at most
+    ``target_error`` or ``max_step_count`` evaluations are spent. The residuals sum to the path's completeness error, so the error
     reported is exactly the error of the attribution returned.
     """
 
