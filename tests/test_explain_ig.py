@@ -297,6 +297,45 @@ def test_completeness_comes_first_when_map_splits_break_it_at_the_cap():
     assert done.map_errors[0] <= 0.0101 and done.step_counts[0] > 7
 
 
+class _SteepWavyModel:
+    """Two pixels whose integrands are e^(3 alpha) / 2 +- sin(6 pi alpha): the trapezoid misses
+    completeness on a coarse grid (the output is steep near the input) and the map misses too (the
+    wave cancels in the sum, so only the map sees it). Records each call's alphas."""
+
+    def __init__(self):
+        self.calls: list[np.ndarray] = []
+
+    def predict(self, images):
+        a = images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
+        f = (np.exp(3 * a) - 1) / 3
+        return np.stack([f, -f], axis=1).astype(np.float32)
+
+    def path_gradients(self, batch):
+        self.calls.append(np.sort(batch.alphas))
+        a = batch.alphas.astype(np.float64)
+        h, w = np.exp(3 * a), np.sin(6 * np.pi * a)
+        attributions = np.zeros((batch.num_groups, 2))
+        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * np.stack([h / 2 + w, h / 2 - w], axis=1))
+        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), h.astype(np.float32),
+                          ((h - 1) / 3).astype(np.float32))
+
+
+def test_while_both_targets_miss_one_round_splits_completenesss_panels_and_the_maps():
+    """Completeness alone mostly splits one or two panels a round, and on MobileNetV2 (2 cores)
+    one evaluation alone costs twice one in a batch of 8: while the map misses too, its panels join
+    completeness's round (they would be split once completeness holds anyway)."""
+    x, b = np.ones((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    alone, both = _SteepWavyModel(), _SteepWavyModel()
+    request = dict(step_count=5, target_error=0.02, max_step_count=400)
+    first = IntegratedGradients().GetMask(x, b, np.array([0]), alone, **request)
+    second = IntegratedGradients().GetMask(x, b, np.array([0]), both, map_target=0.01, **request)
+    assert first.approximation_errors[0] <= 0.02 and second.approximation_errors[0] <= 0.02
+    assert second.map_errors[0] <= 0.01 < first.map_errors[0]
+    np.testing.assert_array_equal(alone.calls[0], both.calls[0])  # the same 5-point grid
+    # the second round: completeness's splits, the same either way, and the map's beside them
+    assert set(alone.calls[1]) < set(both.calls[1]), (alone.calls[1], both.calls[1])
+
+
 class _HalfWavyPairModel(_SymmetricCurveModel):
     """Path 0 is :class:`_SymmetricCurveModel`'s; path 1 has the same output and no map wave."""
 
