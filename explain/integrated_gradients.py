@@ -138,7 +138,8 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     0.05 (worst 144 / 212), 116 / 88 to 0.01, where 6 of the 24 spent the cap, one still at error
     0.086. With the default ``map_target`` (0.1, real runs on the 12 images) the map's splits do
     most of the work: to 0.05 a median of 51 evaluations against 53 covering twice the excess,
-    to 0.01 55 against 76. Completeness alone is met partly by cancellation between the panels,
+    to 0.01 55 against 76, with completeness's rounds first; since the map's splits join them,
+    48 and 53.5 (``make bench``). Completeness alone is met partly by cancellation between the panels,
     on grids this coarse: its maps are far from the integral (``make bench`` section 1b), which
     is what ``map_target`` is for."""
     splittable = widths > 2 * MIN_PANEL_WIDTH

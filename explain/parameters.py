@@ -60,9 +60,9 @@ DEFAULT_TARGET_ERROR = 0.05
 #: on the current build). IG: completeness to 5% alone leaves the maps of MobileNetV2 a median 0.86
 #: (worst 2.4) in relative L1 from the converged integral, on grids of a median 10 points (the
 #: refinement meets the sum partly by cancellation), where the tutorial's trapezoid at 100 steps is
-#: at 0.20; with 0.1 they are at 0.086 (worst 0.11) for a median of 50 evaluations. XRAI, judged on
-#: its segments' mean attributions: on 12 validation images its top 10% regions overlap
-#: ``saliency.XRAI``'s at 200 steps from black and white at a median of 0.98, worst 0.87 (under the
+#: at 0.20; with 0.1 they are at 0.080 (worst 0.090) for a median of 48.5 evaluations. XRAI, judged
+#: on its segments' mean attributions: on 12 validation images its top 10% regions overlap
+#: ``saliency.XRAI``'s at 200 steps from black and white at a median of 1.00, worst 0.87 (under the
 #: refinement rule before, completeness alone in an untimed trial: 0.95, worst 0.63, for a median of
 #: 51 evaluations per path against 54 with the target, mean 77 against 121; the same target on the
 #: pixels cost a mean of 147).
