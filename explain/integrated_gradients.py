@@ -146,17 +146,24 @@ def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float
     size = np.abs(residuals)
     order = [int(i) for i in np.argsort(-size, kind="stable") if splittable[i]]
     over = [i for i in order if size[i] > tolerance * np.sqrt(widths[i])]  # the random-walk allowance
-    narrow = residuals[~splittable].sum()
-    # splits shrink residuals toward 0, so the nearest to 0 the sum can come is the narrowest
-    # panels' with (signed) the residuals that offset them kept whole and the others gone
-    nearest = narrow + (residuals[splittable & (residuals * narrow < 0)].sum() if signed else 0.0)
-    if np.sign(narrow) * nearest > tolerance:  # stuck
+    if _stuck(residuals, widths, tolerance, signed):
         return over
     if signed:  # splitting a panel shrinks its residual, so only those of the error's sign move it toward the target
         toward = [i for i in order if residuals[i] * residuals.sum() > 0] or order[:1]
         shares = np.cumsum(size[toward])
         return toward[:int(np.searchsorted(shares, abs(residuals.sum()) - tolerance)) + 1]
     return over or [i for i in order if size[i] > tolerance * widths[i]] or order[:1]
+
+
+def _stuck(residuals: np.ndarray, widths: np.ndarray, tolerance: float, signed: bool = True) -> bool:
+    """No split can bring the residuals' sum within ``tolerance``: the narrowest panels' (at most
+    twice :data:`MIN_PANEL_WIDTH` wide, no longer split) are over it with (``signed``) the residuals
+    that offset them kept whole and the others gone, the nearest to 0 splits can take the sum (a
+    split shrinks its panel's residual toward 0)."""
+    splittable = widths > 2 * MIN_PANEL_WIDTH
+    narrow = residuals[~splittable].sum()
+    nearest = narrow + (residuals[splittable & (residuals * narrow < 0)].sum() if signed else 0.0)
+    return bool(np.sign(narrow) * nearest > tolerance)
 
 
 def _map_residual(width: float, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -268,11 +275,12 @@ class IntegratedGradients:
             averaged map, the one a user gets (the error of an average of n paths is about
             1/sqrt(n) of one; each path's panels get an equal share of the allowance). A path
             that cannot meet it within ``max_step_count`` stops as LIMIT (completeness first:
-            a round splits its panels ahead of the map's, which join them while both miss, and
-            if the map's splits broke completeness again when the cap stops the path, the
-            attribution of the last grid where completeness held is returned), one whose remaining
-            estimate sits in the narrowest panels as RESOLUTION (the estimate is first order, so
-            steep but smooth stretches can end there).
+            a round splits its panels ahead of the map's, which join them while both miss as
+            long as the round leaves at least as many evaluations as it spends and completeness
+            is not stuck, and if the map's splits broke completeness again when the cap stops
+            the path, the attribution of the last grid where completeness held is returned),
+            one whose remaining estimate sits in the narrowest panels as RESOLUTION (the
+            estimate is first order, so steep but smooth stretches can end there).
           map_features: what ``map_target`` judges, when the user reads the map through a linear
             summary of it: ``map_features(r, v)`` maps path ``r``'s integrand vectors ``v``
             (``[k, H, W, C]``, k grid points) to the summary's features ``[k, ...]``, and the
@@ -492,11 +500,17 @@ class IntegratedGradients:
                     # completeness's panels first, and the map's in the same round: they would be
                     # split once completeness holds anyway, and completeness alone mostly splits
                     # one or two panels a round, where one evaluation alone costs twice one in a
-                    # batch of 8 (MobileNetV2 1.0 @ 192, 2 cores: 18.5 ms against 9.2 ms)
+                    # batch of 8 (MobileNetV2 1.0 @ 192, 2 cores: 18.5 ms against 9.2 ms). Not
+                    # when completeness is stuck (its panels over their allowance are split, then
+                    # the path stops as RESOLUTION), and not near the cap: the round must leave at
+                    # least as many evaluations as it spends, so the map's splits cannot take the
+                    # budget completeness needs (the user's target_error comes first)
                     chosen = _panels_to_split(res, widths, tolerance)
-                    if chosen:  # not when completeness is stuck: the path stops (RESOLUTION)
-                        taken = set(chosen)
-                        chosen += [i for i in map_panels if i not in taken]
+                    taken = set(chosen)
+                    extra = [i for i in map_panels if i not in taken]
+                    if chosen and extra and 2 * (len(chosen) + len(extra)) <= budget \
+                            and not _stuck(res, widths, tolerance):
+                        chosen += extra
                 chosen = chosen[:budget]
                 if not chosen:
                     reasons[r] = RESOLUTION

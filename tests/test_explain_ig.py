@@ -336,6 +336,48 @@ def test_while_both_targets_miss_one_round_splits_completenesss_panels_and_the_m
     assert set(alone.calls[1]) < set(both.calls[1]), (alone.calls[1], both.calls[1])
 
 
+def test_near_the_cap_the_maps_panels_leave_completeness_its_budget():
+    """The map's splits join completeness's rounds only while a round leaves at least as many
+    evaluations as it spends: near the cap they would take the splits completeness needs, and the
+    user's target_error comes first (with them, this path ended at 0.0052 against 0.005)."""
+    x, b = np.ones((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    request = dict(step_count=5, target_error=0.005, max_step_count=13)
+    alone = IntegratedGradients().GetMask(x, b, np.array([0]), _SteepWavyModel(), **request)
+    both = IntegratedGradients().GetMask(x, b, np.array([0]), _SteepWavyModel(), map_target=0.01, **request)
+    assert alone.approximation_errors[0] <= 0.005
+    assert both.approximation_errors[0] <= 0.005, both.approximation_errors
+
+
+class _JumpWavyModel:
+    """F jumps by 0.2 at alpha 0.3 where the gradient (1 everywhere) does not see it, and the
+    integrands carry a wave that cancels in the sum: completeness is stuck once the jump's panel
+    is as narrow as panels get, and only the map sees the wave."""
+
+    def predict(self, images):
+        a = images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
+        f = a + 0.2 * (a > 0.3)
+        return np.stack([f, -f], axis=1).astype(np.float32)
+
+    def path_gradients(self, batch):
+        a = batch.alphas.astype(np.float64)
+        w = np.sin(14 * np.pi * a)
+        attributions = np.zeros((batch.num_groups, 2))
+        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * np.stack([0.5 + w, 0.5 - w], axis=1))
+        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), np.ones_like(a, np.float32),
+                          (a + 0.2 * (a > 0.3)).astype(np.float32))
+
+
+def test_a_path_stuck_on_a_jump_stops_as_resolution_with_the_maps_splits_in_its_rounds():
+    """Bisecting toward a jump no gradient sees, the map's splits ride along until completeness is
+    stuck; then the path stops as RESOLUTION (its warning names the jump, not the cap), within a
+    cap that mixed rounds could otherwise have spent first (LIMIT, "raise max_step_count")."""
+    x, b = np.ones((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    out = IntegratedGradients().GetMask(x, b, np.array([0]), _JumpWavyModel(), step_count=5, target_error=0.05,
+                                        max_step_count=40, map_target=0.01)
+    assert list(out.stop_reasons) == [RESOLUTION] and out.step_counts[0] < 40
+    assert out.approximation_errors[0] == pytest.approx(0.2 / 1.2, rel=1e-3)  # the jump, unseen
+
+
 class _HalfWavyPairModel(_SymmetricCurveModel):
     """Path 0 is :class:`_SymmetricCurveModel`'s; path 1 has the same output and no map wave."""
 
