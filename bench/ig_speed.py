@@ -33,6 +33,7 @@ the first ``ig_images`` validation images that are not such.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -67,7 +68,31 @@ FLOOR_EVALUATIONS = 64
 #: (:mod:`explain.folding`), forward+backward passes at that graph's best batch size; ours' cost
 #: per evaluation over it is ours' own overhead, and the floor over it is what folding gains
 OWN_FLOOR = "floor of the graph ours runs (batch norms folded; passes at its best batch size)"
+#: the same graph's passes at exactly the batch sizes ours' run of the image called its kernel with
+#: (replayed after it, timed with the contenders): ours over it is what ours' own code costs beyond
+#: the model's passes, where ours over :data:`OWN_FLOOR` also holds what its smaller rounds cost
+ROUND_FLOORS = {ADAPTIVE: "floor of the graph ours runs at ours' own batch sizes (default request)",
+                COMPLETENESS_ONLY: "floor of the graph ours runs at ours' own batch sizes (completeness only)"}
 MIDPOINT_MAX_STEPS = 100
+
+
+@contextlib.contextmanager
+def recording_chunks(model, sizes: list[int]):
+    """Append to ``sizes`` the node count of every call of ``model``'s linear path kernel (its
+    chunks: what one model pass evaluates) while in the block."""
+    from explain.paths import LINEAR
+
+    kernel = model._kernel(LINEAR)
+
+    def recorded(*args):
+        sizes.append(int(args[5].shape[0]))  # the kernel's alphas
+        return kernel(*args)
+
+    model._kernels[LINEAR] = recorded
+    try:
+        yield sizes
+    finally:
+        model._kernels[LINEAR] = kernel
 
 
 def path_derivatives(model: SignatureModel):
@@ -169,6 +194,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     from bench.reference_ig import make_integrated_gradients
     from explain import load_explainable_model
     from explain.integrated_gradients import IntegratedGradients
+    from explain.model import _interior_nodes
 
     ours = load_explainable_model(assets.model_dir)
     reference = SignatureModel(assets.model_dir)
@@ -210,14 +236,27 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     call = reference.saliency_call()
     ig = IntegratedGradients()
 
+    chunk_limit = max(ours.batch_size, 1)
+
     def contenders(i: int, steps: dict[str, int], target: float, record: dict) -> dict:
         x, b, c = images[i:i + 1], baselines[i:i + 1], classes[i:i + 1]
+        chunks: dict[str, list[int]] = {}  # per request, the batch sizes of its model passes
+        repeated = {n: np.repeat(x, n, axis=0) for n in range(1, chunk_limit + 1)}
 
         def adaptive(name: str, request: dict):
             def run():
                 before = ours.evaluations  # the model's own count: a cached baseline gradient is not one
-                out = ig.GetMask(x, b, c, ours, min_output_gap=MIN_GAP, **request)
+                with recording_chunks(ours, []) as sizes:
+                    out = ig.GetMask(x, b, c, ours, min_output_gap=MIN_GAP, **request)
                 record[name] = (out.attributions[0], ours.evaluations - before, str(out.stop_reasons[0]))
+                chunks[name] = sizes
+            return run
+
+        def round_floor(name: str):
+            def run():  # after ours' run of the same image (the contenders' order; its sizes are deterministic)
+                for n in chunks[name]:
+                    own_graph.gradients(repeated[n], int(c[0]))
+                record[ROUND_FLOORS[name]] = (None, sum(chunks[name]), "floor")
             return run
 
         def lib():
@@ -241,7 +280,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         return {ADAPTIVE: adaptive(ADAPTIVE, ours_request(profile, target)),
                 COMPLETENESS_ONLY: adaptive(COMPLETENESS_ONLY, ours_request(profile, target, map_target=None)),
                 SALIENCY: lib, TUTORIAL: tutorial, FLOOR: floor_passes(FLOOR, reference, best_batch),
-                OWN_FLOOR: floor_passes(OWN_FLOOR, own_graph, own_batch)}
+                OWN_FLOOR: floor_passes(OWN_FLOOR, own_graph, own_batch),
+                **{ROUND_FLOORS[name]: round_floor(name) for name in OURS}}
 
     def pretrace_tutorial(n: int) -> None:
         """The tutorial's ``tf.function`` retraces per class (a Python int) and per batch shape;
@@ -257,6 +297,13 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         i = int(np.flatnonzero(classes == c)[0])
         ig.GetMask(images[i:i + 1], baselines[i:i + 1], classes[i:i + 1], ours, step_count=2, target_error=None)
 
+    # every chunk size ours can run, in both its kernel and the folded graph's passes, before timing
+    # (oneDNN prepares its primitives per shape on first use), as a long-running server would have
+    kernel = ours._kernel("linear")
+    for n in range(1, chunk_limit + 1):
+        own_graph.gradients(np.repeat(images[:1], n, axis=0), int(classes[0]))
+        [t.numpy() for t in kernel(*_interior_nodes(images[:1], n))]
+
     timings: dict[str, dict] = {}
     for target in profile.ig_targets:
         steps, met = {}, {}
@@ -266,7 +313,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
             steps[name], met[name] = profile.ig_max_steps, True  # a cap, not a count
         print(f"[ig_speed] timing at <= {target:.0%}: steps {steps}", flush=True)
         pretrace_tutorial(steps[TUTORIAL])
-        seconds: dict[str, list[float]] = {k: [] for k in (*OURS, *TIMED, FLOOR, OWN_FLOOR)}
+        seconds: dict[str, list[float]] = {k: [] for k in (*OURS, *TIMED, FLOOR, OWN_FLOOR, *ROUND_FLOORS.values())}
         errors: dict[str, list[float]] = {k: [] for k in (*OURS, *TIMED)}  # the floor computes no attribution
         evaluations: dict[str, list[int]] = {k: [] for k in seconds}
         reasons: list[str] = []  # the default request's
@@ -343,6 +390,17 @@ def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen:
                           floor / own_floor])
         cost_rows.append([f"<= {target:.0%}", OWN_FLOOR, float(np.median(t["evaluations"][OWN_FLOOR])),
                           own_floor * 1000, own_floor / floor, 1.0])
+        for ours_name, replayed in ROUND_FLOORS.items():
+            if replayed not in t["seconds"]:
+                continue
+            per_eval = np.array(t["seconds"][replayed]) / np.maximum(t["evaluations"][replayed], 1)
+            cost_rows.append([f"<= {target:.0%}", replayed, float(np.median(t["evaluations"][replayed])),
+                              float(np.median(per_eval)) * 1000, float(np.median(per_eval)) / floor,
+                              float(np.median(per_eval)) / own_floor])
+            # per image, ours over the same passes alone: what ours' own code adds to them
+            headline[f"IG cost per evaluation, ours ({OURS[ours_name]}) / floor of the graph it runs at its own "
+                     f"batch sizes (<= {target:.0%}, one image per call, median over images)"] = float(
+                np.median(np.array(t["seconds"][ours_name]) / np.array(t["seconds"][replayed])))
         headline[f"IG floor of the exported graph / floor of the graph ours runs (batch norms folded), "
                  f"<= {target:.0%} period"] = floor / own_floor
         for ours_name, ours_median in ours_medians.items():
@@ -419,7 +477,10 @@ def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen:
                  if folded else "nothing folded (no normalization folds in this model)")
               + f", at batch {own_batch} (ms per image: " + ", ".join(f"{b}: {t * 1000:.1f}" for b, t in own_curve.items())
               + "); both timed alternating with the contenders on every image, so each row is divided by the "
-                "floors of its own period)", ["target", "implementation", "median evaluations",
+                "floors of its own period; the floor at ours' own batch sizes replays, after ours' run of each "
+                "image, the folded graph's passes at exactly the batch sizes that run called its kernel with, so "
+                "ours over it is what ours' own code adds to the passes, and it over the folded floor is what "
+                "ours' small rounds cost)", ["target", "implementation", "median evaluations",
                                               "ms per evaluation (median)", "/ floor of the exported graph",
                                               "/ floor of the graph ours runs"], cost_rows),
         table(f"Completeness error of the fixed rules by step count ({n_img} images; the quadrature-rule "
