@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -818,3 +819,18 @@ def test_a_refinement_reads_the_path_ends_off_its_first_round(saturating_model, 
                                                                           step_count=DEGENERATE_STEP_COUNT + 1))
     IntegratedGradients().GetMask(x, b, classes, saturating_model, step_count=4)
     assert calls == [4, 4]
+
+
+def test_the_package_gives_onednn_room_for_every_chunk_sizes_primitives_unless_told():
+    """oneDNN's default cache (1024 primitives) holds about ten batch sizes of MobileNetV2's passes;
+    past that one path point cost twice as much (trainer/__init__.py). Importing the package sets a
+    larger default, and leaves a value the environment gives alone."""
+    import subprocess
+    import sys
+
+    code = "import os, trainer; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                     check=True).stdout.strip()
+    assert run(env) == "8192"
+    assert run({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "2048"}) == "2048"
