@@ -195,6 +195,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
     from explain import load_explainable_model
     from explain.integrated_gradients import IntegratedGradients
     from explain.model import _interior_nodes
+    from explain.paths import LINEAR
 
     ours = load_explainable_model(assets.model_dir)
     reference = SignatureModel(assets.model_dir)
@@ -299,7 +300,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
 
     # every chunk size ours can run, in both its kernel and the folded graph's passes, before timing
     # (oneDNN prepares its primitives per shape on first use), as a long-running server would have
-    kernel = ours._kernel("linear")
+    kernel = ours._kernel(LINEAR)
     for n in range(1, chunk_limit + 1):
         own_graph.gradients(np.repeat(images[:1], n, axis=0), int(classes[0]))
         [t.numpy() for t in kernel(*_interior_nodes(images[:1], n))]

@@ -220,6 +220,14 @@ def test_map_target_judges_the_summary_a_user_reads_when_map_features_gives_one(
     assert pixel_error(first) < 0.05 < 0.2 < pixel_error(summed)  # the estimate reads under the truth (_map_error)
 
 
+def _two_pixel_result(batch, h: np.ndarray, w: np.ndarray, f: np.ndarray) -> PathResult:
+    """The callback's answer for two pixels whose integrands are h/2 + w and h/2 - w at each node
+    (so dF/dalpha = h, and w only moves the map), F = f: each group's weighted sum of them."""
+    attributions = np.zeros((batch.num_groups, 2))
+    np.add.at(attributions, batch.node_groups, batch.weights[:, None] * np.stack([h / 2 + w, h / 2 - w], axis=1))
+    return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), h.astype(np.float32), f.astype(np.float32))
+
+
 class _SymmetricCurveModel:
     """Two pixels whose integrands are h/2 +- w along the path: h = 1 + cos(pi alpha) / 2 makes the
     trapezoid's panel residuals cancel in pairs on any grid symmetric about 1/2 (completeness holds
@@ -238,11 +246,7 @@ class _SymmetricCurveModel:
         h = 1 + 0.5 * np.cos(np.pi * a)
         wavy = True if self.wavy_rows is None else np.isin(batch.node_rows, self.wavy_rows)
         w = np.where((a < 0.5) & wavy, np.sin(6 * np.pi * a), 0.0)
-        nodes = np.stack([h / 2 + w, h / 2 - w], axis=1)
-        attributions = np.zeros((batch.num_groups, 2))
-        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * nodes)
-        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), h.astype(np.float32),
-                          (a + 0.5 * np.sin(np.pi * a) / np.pi).astype(np.float32))
+        return _two_pixel_result(batch, h, w, a + 0.5 * np.sin(np.pi * a) / np.pi)
 
 
 class _WideCurveModel(_SymmetricCurveModel):
@@ -314,11 +318,8 @@ class _SteepWavyModel:
     def path_gradients(self, batch):
         self.calls.append(np.sort(batch.alphas))
         a = batch.alphas.astype(np.float64)
-        h, w = np.exp(3 * a), np.sin(6 * np.pi * a)
-        attributions = np.zeros((batch.num_groups, 2))
-        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * np.stack([h / 2 + w, h / 2 - w], axis=1))
-        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), h.astype(np.float32),
-                          ((h - 1) / 3).astype(np.float32))
+        h = np.exp(3 * a)
+        return _two_pixel_result(batch, h, np.sin(6 * np.pi * a), (h - 1) / 3)
 
 
 def test_while_both_targets_miss_one_round_splits_completenesss_panels_and_the_maps():
@@ -361,11 +362,7 @@ class _JumpWavyModel:
 
     def path_gradients(self, batch):
         a = batch.alphas.astype(np.float64)
-        w = np.sin(14 * np.pi * a)
-        attributions = np.zeros((batch.num_groups, 2))
-        np.add.at(attributions, batch.node_groups, batch.weights[:, None] * np.stack([0.5 + w, 0.5 - w], axis=1))
-        return PathResult(attributions.reshape(-1, 1, 1, 2).astype(np.float32), np.ones_like(a, np.float32),
-                          (a + 0.2 * (a > 0.3)).astype(np.float32))
+        return _two_pixel_result(batch, np.ones_like(a), np.sin(14 * np.pi * a), a + 0.2 * (a > 0.3))
 
 
 def test_a_path_stuck_on_a_jump_stops_as_resolution_with_the_maps_splits_in_its_rounds():
