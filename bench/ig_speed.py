@@ -68,31 +68,32 @@ FLOOR_EVALUATIONS = 64
 #: (:mod:`explain.folding`), forward+backward passes at that graph's best batch size; ours' cost
 #: per evaluation over it is ours' own overhead, and the floor over it is what folding gains
 OWN_FLOOR = "floor of the graph ours runs (batch norms folded; passes at its best batch size)"
-#: the same graph's passes at exactly the batch sizes ours' run of the image called its kernel with
-#: (replayed after it, timed with the contenders): ours over it is what ours' own code costs beyond
-#: the model's passes, where ours over :data:`OWN_FLOOR` also holds what its smaller rounds cost
+#: the same graph's passes at exactly the batch sizes ours' run of the image called its kernel with,
+#: each round's chunks as many at once as ours ran them (replayed after it, timed with the
+#: contenders): ours over it is what ours' own code costs beyond the model's passes, where ours
+#: over :data:`OWN_FLOOR` also holds what its smaller rounds cost
 ROUND_FLOORS = {ADAPTIVE: "floor of the graph ours runs at ours' own batch sizes (default request)",
                 COMPLETENESS_ONLY: "floor of the graph ours runs at ours' own batch sizes (completeness only)"}
 MIDPOINT_MAX_STEPS = 100
 
 
 @contextlib.contextmanager
-def recording_chunks(model, sizes: list[int]):
-    """Append to ``sizes`` the node count of every call of ``model``'s linear path kernel (its
-    chunks: what one model pass evaluates) while in the block."""
-    from explain.paths import LINEAR
+def recording_chunks(model, rounds: list[list[int]]):
+    """Append to ``rounds``, for every call of ``model``'s path gradients while in the block, the
+    node counts of its chunks (what one model pass evaluates; a call runs them
+    ``model.streams`` at once)."""
+    chunks = model._chunks
 
-    kernel = model._kernel(LINEAR)
+    def recorded(order):
+        parts = chunks(order)
+        rounds.append([len(part) for part in parts])
+        return parts
 
-    def recorded(*args):
-        sizes.append(int(args[5].shape[0]))  # the kernel's alphas
-        return kernel(*args)
-
-    model._kernels[LINEAR] = recorded
+    model._chunks = recorded
     try:
-        yield sizes
+        yield rounds
     finally:
-        model._kernels[LINEAR] = kernel
+        del model._chunks  # the method again
 
 
 def path_derivatives(model: SignatureModel):
@@ -241,23 +242,23 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
 
     def contenders(i: int, steps: dict[str, int], target: float, record: dict) -> dict:
         x, b, c = images[i:i + 1], baselines[i:i + 1], classes[i:i + 1]
-        chunks: dict[str, list[int]] = {}  # per request, the batch sizes of its model passes
+        chunks: dict[str, list[list[int]]] = {}  # per request, per round, the batch sizes of its model passes
         repeated = {n: np.repeat(x, n, axis=0) for n in range(1, chunk_limit + 1)}
 
         def adaptive(name: str, request: dict):
             def run():
                 before = ours.evaluations  # the model's own count: a cached baseline gradient is not one
-                with recording_chunks(ours, []) as sizes:
+                with recording_chunks(ours, []) as rounds:
                     out = ig.GetMask(x, b, c, ours, min_output_gap=MIN_GAP, **request)
                 record[name] = (out.attributions[0], ours.evaluations - before, str(out.stop_reasons[0]))
-                chunks[name] = sizes
+                chunks[name] = rounds
             return run
 
         def round_floor(name: str):
             def run():  # after ours' run of the same image (the contenders' order; its sizes are deterministic)
-                for n in chunks[name]:
-                    own_graph.gradients(repeated[n], int(c[0]))
-                record[ROUND_FLOORS[name]] = (None, sum(chunks[name]), "floor")
+                for sizes in chunks[name]:  # each round through ours' own streams
+                    ours._run_chunks(lambda n: own_graph.gradients(repeated[n], int(c[0])), sizes)
+                record[ROUND_FLOORS[name]] = (None, sum(map(sum, chunks[name])), "floor")
             return run
 
         def lib():
@@ -352,7 +353,7 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
 
     folded = (ours.folded.folded, ours.folded.normalizations) if ours.folded is not None else None
     return summarize(profile, search, timings, n_img, chosen, apart_rows, curve, best_batch, ours.batch_size,
-                     own_curve, own_batch, folded)
+                     ours.streams, own_curve, own_batch, folded)
 
 
 def floor_of(timing: dict, name: str = FLOOR) -> float:
@@ -361,7 +362,7 @@ def floor_of(timing: dict, name: str = FLOOR) -> float:
 
 
 def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen: dict,
-              apart_rows: list, curve: dict[int, float], best_batch: int, ours_batch: int,
+              apart_rows: list, curve: dict[int, float], best_batch: int, ours_batch: int, ours_streams: int,
               own_curve: dict[int, float], own_batch: int, folded: tuple[int, int] | None) -> dict:
     """Tables, headline and raw figures from the measurements."""
     targets = profile.ig_targets
@@ -479,9 +480,10 @@ def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen:
               + f", at batch {own_batch} (ms per image: " + ", ".join(f"{b}: {t * 1000:.1f}" for b, t in own_curve.items())
               + "); both timed alternating with the contenders on every image, so each row is divided by the "
                 "floors of its own period; the floor at ours' own batch sizes replays, after ours' run of each "
-                "image, the folded graph's passes at exactly the batch sizes that run called its kernel with, so "
-                "ours over it is what ours' own code adds to the passes, and it over the folded floor is what "
-                "ours' small rounds cost)", ["target", "implementation", "median evaluations",
+                "image, the folded graph's passes at exactly the batch sizes that run called its kernel with, "
+                "each round's chunks as many at once as ours ran them, so ours over it is what ours' own code "
+                "adds to the passes, and it over the folded floor is what ours' small rounds cost, net of what "
+                "running their chunks at once gains)", ["target", "implementation", "median evaluations",
                                               "ms per evaluation (median)", "/ floor of the exported graph",
                                               "/ floor of the graph ours runs"], cost_rows),
         table(f"Completeness error of the fixed rules by step count ({n_img} images; the quadrature-rule "
@@ -504,7 +506,8 @@ def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen:
                         "evaluations are those the model ran. Timed: every image, one image per call, contenders "
                         f"alternating, {profile.ig_repeats} run(s) each; `saliency` and the tutorial at the "
                         "floor's best batch size (the table of costs per evaluation lists it), ours at the chunk size "
-                        f"its model measured when it was loaded ({ours_batch} path nodes per call at most). "
+                        f"its model measured when it was loaded ({ours_batch} path nodes in flight at most, in "
+                        f"{ours_streams} chunk(s) at once, the number it measured too). "
                         "Errors are Vertex's approximation error measured from each run's own attributions. "
                         f"The cost table adds ours on all {n_img} images in one call (a multi-instance request or "
                         "the batch CLI: the same evaluations, every path's splits batched per round), timed once: "
@@ -514,6 +517,7 @@ def summarize(profile: Profile, search: dict, timings: dict, n_img: int, chosen:
         "headline": headline,
         "raw": {"search": {k: {str(n): e for n, e in v.items()} for k, v in search.items()},
                 "timings": timings, "floor_seconds": floors, "floor_batch": best_batch, "ours_batch": ours_batch,
+                "ours_streams": ours_streams,
                 "own_floor_seconds": own_floors, "own_floor_batch": own_batch, "folded_normalizations": folded,
                 "own_forward_backward_ms_by_batch": {str(b): t * 1000 for b, t in own_curve.items()},
                 "forward_backward_ms_by_batch": {str(b): t * 1000 for b, t in curve.items()}, "images": n_img, "scanned": chosen["scanned"],

@@ -5,7 +5,8 @@ what Vertex's explanation service uses, so a local explanation explains the arte
 deployed. Path gradients are computed in one traced ``tf.function`` per path kind: the path
 points are built, the model is run forward and backward on them, and the weighted gradient
 sums are reduced per group, all in the graph, over near-equal chunks of at most a batch of nodes
-(bounded memory, no retracing: every shape in the input signature is dynamic). The model run there is
+(bounded memory, no retracing: every shape in the input signature is dynamic), run a few at once
+on their own threads (one chunk of a few nodes leaves a core idle). The model run there is
 the ``xai_model`` with its batch normalizations folded into its convolutions (:mod:`explain.folding`:
 the same function, a third cheaper to differentiate), checked against the signature when the model
 is loaded. Traced functions are cached on
@@ -23,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import posixpath
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +37,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 
 import numpy as np
 import tensorflow as tf
+import threadpoolctl
 
 from explain.folding import FoldedFunction, fold_batch_norms
 from explain.integrated_gradients import PathBatch, PathResult
@@ -44,14 +48,21 @@ from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FI
 
 log = logging.getLogger(__name__)
 
-#: Path nodes per forward+backward call, tried when a model is loaded (:func:`calibrate_batch_size`):
-#: the fastest per node is kept, because the best size is the machine's. MobileNetV2 1.0 @ 192, ms per
+#: Path nodes in flight per call (shared by its :data:`STREAM_CANDIDATES` streams), tried when a
+#: model is loaded (:func:`calibrate_batch_size`): the fastest per node is kept, because the best
+#: size is the machine's. Measured in one stream: MobileNetV2 1.0 @ 192, ms per
 #: node, 2 cores: on one host 57 alone, 43 in 4s, 41 in 8s, 48 in 16s, 58 in 32s (past 8 the
 #: activations no longer fit its caches); on another 32 alone, 20 in 4s, 17.6 in 8s, 15.4 in 16s,
 #: 14.6 in 32s, and through the folded graph (:mod:`explain.folding`) 19 alone, 10.7 in 4s, 8.8 in
 #: 8s, 9.0 in 16s. Not past 16: a call holds about 40 MB of activations per node (770 MB at 16,
 #: 1.4 GB at 32), per concurrent request. ``make bench`` prints the whole curve for its machine.
 BATCH_SIZE_CANDIDATES = (4, 8, 16)
+#: Chunks of one call run at once, tried when a model is loaded (:func:`calibrate_streams`), up to
+#: the cores the process may use: the adaptive mode's rounds are small, and on 2 cores one chunk
+#: of a few nodes leaves a core idle (:meth:`ExplainableModel._run_chunks`).
+STREAM_CANDIDATES = (1, 2)
+#: Nodes of the round the streams are timed on (a typical round of the default request).
+STREAM_ROUND = 4
 #: Chunk size when calibration is skipped (``load_explainable_model(batch_size=...)`` given).
 DEFAULT_BATCH_SIZE = 8
 #: Images per forward-only call (no gradients: activations are freed layer by layer).
@@ -59,6 +70,8 @@ PREDICT_BATCH_SIZE = 64
 #: Bytes of baseline gradients kept across calls (least recently used first out): MobileNetV2 @ 192
 #: needs 442 KB per (baseline, class), so this holds black and white for 70 classes.
 END_CACHE_BYTES = 64 * 2 ** 20
+#: What names a BLAS thread count in the environment; one set there is left alone (:func:`quiet_blas`).
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 #: Digests of non-constant baselines seen once (a baseline is kept from its second use on).
 SEEN_BASELINES = 1024
 
@@ -77,6 +90,12 @@ class ExplainableModel:
     batch_size: int = DEFAULT_BATCH_SIZE
     #: seconds per node at each chunk size tried, when :func:`calibrate_batch_size` chose ``batch_size``
     batch_seconds: dict[int, float] = field(default_factory=dict)
+    #: chunks of one call run at once, each in its own thread (:meth:`_run_chunks`); the
+    #: ``batch_size`` nodes in flight are shared among them
+    streams: int = 1
+    #: seconds per node of a round of :data:`STREAM_ROUND` nodes in each number of streams tried,
+    #: when :func:`calibrate_batch_size` chose ``streams``
+    stream_seconds: dict[int, float] = field(default_factory=dict)
     _loaded: Any = field(default=None, repr=False)
     #: the ``xai_model`` with its batch normalizations folded (:mod:`explain.folding`), which the
     #: gradient kernels run; None: they run the signature as exported
@@ -88,6 +107,8 @@ class ExplainableModel:
     evaluations: int = field(default=0, init=False)
     _kernels: dict[str, Callable] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: the threads of every stream but the caller's, shared by concurrent requests
+    _helpers: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     #: (point digest, class) -> (gradient of F_class at the baseline [H, W, C], F_class there)
     _end_cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
     _end_cache_size: int = field(default=0, init=False, repr=False)
@@ -153,22 +174,25 @@ class ExplainableModel:
         order = np.concatenate([raw_nodes, regular])
         weights = batch.weights.copy()
         weights[raw_nodes] = 0.0
-        raw_grads, raw_outputs = [], []
-        chunks = max(1, math.ceil(len(order) / self.batch_size)) if len(order) else 0
-        for part in np.array_split(order, chunks) if chunks else []:  # near-equal chunks: no batch of 1
+        parts = self._chunks(order)
+
+        def run(part: np.ndarray) -> tuple[np.ndarray, ...]:
             raw_count = int(np.count_nonzero(np.isin(part, raw_nodes)))  # they lead the order
             rows, node_rows = np.unique(batch.node_rows[part], return_inverse=True)
             group_ids, node_groups = np.unique(batch.node_groups[part], return_inverse=True)
-            sums, d, f, raw = (t.numpy() for t in kernel(
-                tf.constant(batch.inputs[rows]), tf.constant(batch.baselines[rows]),
-                tf.constant(batch.classes[rows], tf.int32), tf.constant(node_rows, tf.int32),
-                tf.constant(node_groups, tf.int32), tf.constant(batch.alphas[part], tf.float32),
-                tf.constant(weights[part], tf.float32), tf.constant(len(group_ids), tf.int32),
-                tf.constant(batch.max_blur_sigma, tf.float32), tf.constant(raw_count, tf.int32)))
+            outs = kernel(tf.constant(batch.inputs[rows]), tf.constant(batch.baselines[rows]),
+                          tf.constant(batch.classes[rows], tf.int32), tf.constant(node_rows, tf.int32),
+                          tf.constant(node_groups, tf.int32), tf.constant(batch.alphas[part], tf.float32),
+                          tf.constant(weights[part], tf.float32), tf.constant(len(group_ids), tf.int32),
+                          tf.constant(batch.max_blur_sigma, tf.float32), tf.constant(raw_count, tf.int32))
+            return (group_ids, *(t.numpy() for t in outs))
+
+        raw_grads, raw_outputs = [], []
+        for part, (group_ids, sums, d, f, raw) in zip(parts, self._run_chunks(run, parts)):  # in order
             derivatives[part], outputs[part] = d, f
             groups[group_ids] += sums
             raw_grads.extend(raw)
-            raw_outputs.extend(f[:raw_count])
+            raw_outputs.extend(f[:len(raw)])
         with self._end_cache_lock:
             self.evaluations += len(order)
         for (key, node), grad, value in zip(missing, raw_grads, raw_outputs):
@@ -183,6 +207,56 @@ class ExplainableModel:
             outputs[node] = value
             groups[batch.node_groups[node]] += batch.weights[node] * contribution
         return PathResult(groups, derivatives, outputs)
+
+    def _chunks(self, order: np.ndarray) -> list[np.ndarray]:
+        """``order`` in near-equal chunks (no batch of 1 beside a larger one) of at most
+        ``batch_size / streams`` nodes, and at least one per stream while nodes last."""
+        if not len(order):
+            return []
+        streams = max(1, self.streams)
+        largest = max(1, math.ceil(self.batch_size / streams))
+        return np.array_split(order, max(min(len(order), streams), math.ceil(len(order) / largest)))
+
+    def _run_chunks(self, run: Callable[[np.ndarray], Any], parts: list[np.ndarray]) -> list[Any]:
+        """``[run(part) for part in parts]``, on up to ``streams`` threads at once: the caller's
+        and helpers from the model's pool, each taking the next chunk until none is left.
+
+        A pass over one path point keeps about one core busy on MobileNetV2 1.0 @ 192 (oneDNN
+        splits little of its work at batch 1: 17.3 ms alone on 1 thread or 2), so the small
+        rounds of the adaptive mode left the second core idle. Measured on 2 cores, ms per
+        round: 1+1 nodes at once 22-23 against 27.5-29 for 2 in one call, 2+2 36.5-38 against
+        43-44, 3+3 53-56 against 58-61, 8+8 134-146 against 145-149. The caller's thread is one
+        of the streams, so a request never waits on the pool alone: when another request holds
+        the helpers, it runs its chunks itself."""
+        results: list[Any] = [None] * len(parts)
+        upcoming = iter(range(len(parts)))  # next() on a range iterator is atomic under the GIL
+        failed = threading.Event()
+
+        def lane() -> None:
+            for i in upcoming:
+                if failed.is_set():
+                    return
+                try:
+                    results[i] = run(parts[i])
+                except BaseException:
+                    failed.set()
+                    raise
+
+        helpers = [self._helper_pool().submit(lane) for _ in range(min(self.streams, len(parts)) - 1)]
+        try:
+            lane()
+        finally:
+            for future in helpers:  # one not started yet is not waited for; a helper's error is raised
+                if not future.cancel():
+                    future.result()
+        return results
+
+    def _helper_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._helpers is None:
+                self._helpers = ThreadPoolExecutor(max_workers=max(self.streams, *STREAM_CANDIDATES) - 1 or 1,
+                                                   thread_name_prefix="path-gradients")
+            return self._helpers
 
     def _shared_ends(self, batch: PathBatch) -> tuple[dict[int, tuple[np.ndarray, float]], dict[int, int],
                                                       list[tuple[bytes, int]]]:
@@ -322,37 +396,88 @@ def _interior_nodes(image: np.ndarray, n: int) -> tuple:
             tf.constant(n, tf.int32), tf.constant(0.0), tf.constant(0, tf.int32))
 
 
+def _round_seconds(model: ExplainableModel, image: np.ndarray, n: int, repeats: int) -> float:
+    """The best of ``repeats`` timed rounds (after one warm-up) of ``n`` interior nodes of the
+    linear path kernel, chunked and run as the model's ``batch_size`` and ``streams`` say."""
+    kernel = model._kernel(LINEAR)
+    parts = model._chunks(np.arange(n))
+    arguments = {len(part): _interior_nodes(image, len(part)) for part in parts}
+
+    def run(part: np.ndarray) -> list[np.ndarray]:
+        return [t.numpy() for t in kernel(*arguments[len(part)])]
+
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        model._run_chunks(run, parts)
+        seconds.append(time.perf_counter() - start)
+    return min(seconds[1:])
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def calibrate_streams(model: ExplainableModel, candidates: tuple[int, ...] = STREAM_CANDIDATES,
+                      repeats: int = 2) -> dict[int, float]:
+    """Seconds per node of a round of :data:`STREAM_ROUND` nodes in each candidate number of
+    streams up to the cores this process may use (on a mid-grey image), and set the model's
+    ``streams`` to the fastest. About 0.3 s for MobileNetV2 1.0 @ 192 on 2 cores."""
+    image = np.full((1, *model.image_shape), 0.5, np.float32)
+    per_node: dict[int, float] = {}
+    for streams in [c for c in candidates if c <= _cores()] or [1]:
+        model.streams = streams
+        per_node[streams] = _round_seconds(model, image, STREAM_ROUND, repeats) / STREAM_ROUND
+    model.streams = min(per_node, key=per_node.get)
+    model.stream_seconds = per_node
+    return per_node
+
+
 def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = BATCH_SIZE_CANDIDATES,
                          repeats: int = 2) -> dict[int, float]:
-    """Seconds per node of the linear path kernel at each candidate chunk size (the best of
-    ``repeats`` timed calls after one warm-up, on a mid-grey image), and set the model's
-    ``batch_size`` to the fastest. Once per load: 1.3 s for MobileNetV2 1.0 @ 192 on this
-    project's current 2-core host, about 4 s on the previous one. The chunking changes results only in
-    float32 rounding (as the make-up of a request's rounds already does)."""
-    kernel = model._kernel(LINEAR)
+    """Seconds per node of the linear path kernel at each candidate number of nodes in flight
+    (the best of ``repeats`` timed rounds after one warm-up, on a mid-grey image, in the model's
+    ``streams``), and set the model's ``batch_size`` to the fastest. Once per load: 1.3 s for
+    MobileNetV2 1.0 @ 192 on this project's current 2-core host, about 4 s on the previous one.
+    The chunking changes results only in float32 rounding (as the make-up of a request's rounds
+    already does)."""
     image = np.full((1, *model.image_shape), 0.5, np.float32)
     per_node: dict[int, float] = {}
     for n in candidates:
-        args = _interior_nodes(image, n)
-        seconds = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            [t.numpy() for t in kernel(*args)]
-            seconds.append(time.perf_counter() - start)
-        per_node[n] = min(seconds[1:]) / n
+        model.batch_size = n
+        per_node[n] = _round_seconds(model, image, n, repeats) / n
     model.batch_size = min(per_node, key=per_node.get)
     model.batch_seconds = per_node
     return per_node
 
 
+def quiet_blas() -> None:
+    """Run numpy's BLAS (and any other loaded) on the calling thread alone, unless the
+    environment names a thread count (:data:`BLAS_THREAD_VARIABLES`).
+
+    OpenBLAS's worker threads keep spinning for a while after each call, and on a 2-core host they
+    took a core from the TensorFlow passes that came next: after one request's final weighted sum
+    (a ``np.tensordot``), the next request's first path passes ran 20-50 ms slow (4 nodes: 47-94
+    ms against 40; MobileNetV2 1.0 @ 192). With one BLAS thread, completeness alone to 5% on the
+    bench's 12 images went from 17.5 to 14.8 ms per evaluation, the default request from 12.3 to
+    11.7. The arrays numpy multiplies here are one map at a time; TensorFlow's threads do the
+    heavy work. Called when a model is loaded, so the libraries loaded by then are limited."""
+    if any(name in os.environ for name in BLAS_THREAD_VARIABLES):
+        return
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def load_explainable_model(model_dir: str, batch_size: int | None = None,
-                           loaded: Any = None, fold_norms: bool = True) -> ExplainableModel:
+                           loaded: Any = None, fold_norms: bool = True, streams: int | None = None) -> ExplainableModel:
     """Load an exported model with its ``labels.txt`` and ``explanation_metadata.json``.
 
     ``batch_size``: path nodes per forward+backward call; None measures the fastest of
     :data:`BATCH_SIZE_CANDIDATES` on this machine (:func:`calibrate_batch_size`).
     ``loaded``: the SavedModel already loaded from ``model_dir`` (a server that also runs its
     ``serving_default``), so its variables are held once and not loaded again.
+    ``streams``: chunks of a call run at once (:meth:`ExplainableModel._run_chunks`); None
+    measures the fastest of :data:`STREAM_CANDIDATES` on this machine (:func:`calibrate_streams`).
     ``fold_norms``: run gradients through the ``xai_model`` with its inference batch normalizations
     folded into their convolutions (:func:`explain.folding.fold_batch_norms`: the same function to
     float32 rounding, checked at load, and a third cheaper to differentiate on MobileNetV2);
@@ -360,9 +485,12 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 path nodes per call (or None: measured), got {batch_size}")
+    if streams is not None and streams < 1:
+        raise ValueError(f"streams must be >= 1 chunks at once (or None: measured), got {streams}")
     for name in (LABELS_FILE, EXPLANATION_METADATA_FILE, "saved_model.pb"):
         if not tf.io.gfile.exists(posixpath.join(model_dir, name)):
             raise ModelLoadError(f"{model_dir}: no {name} (export the model with trainer.export first)")
+    quiet_blas()
     if loaded is None:
         loaded = tf.saved_model.load(model_dir)
     missing = {XAI_PREPROCESS_SIGNATURE, XAI_MODEL_SIGNATURE} - set(loaded.signatures)
@@ -370,7 +498,7 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
         raise ModelLoadError(f"{model_dir}: SavedModel lacks signature(s) {sorted(missing)}")
     model = ExplainableModel(model_dir=model_dir, labels=read_labels(model_dir),
                              metadata=read_explanation_metadata(model_dir),
-                             batch_size=batch_size or DEFAULT_BATCH_SIZE, _loaded=loaded)
+                             batch_size=batch_size or DEFAULT_BATCH_SIZE, streams=streams or 1, _loaded=loaded)
     if fold_norms:
         height, width, channels = model.image_shape
         probes = np.stack([np.full((height, width, channels), v, np.float32) for v in (0.0, 0.5, 1.0)]
@@ -385,6 +513,8 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
                 model.folded = None
                 model._kernels.clear()
     model._kernel(LINEAR)  # trace the common kernel now, not inside the first request
+    if streams is None:
+        calibrate_streams(model)
     if batch_size is None:
         calibrate_batch_size(model)
     return model

@@ -6,6 +6,7 @@ from __future__ import annotations
 import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,13 +22,13 @@ from explain.testing import export_saturating_classifier, smooth_images
 
 @pytest.fixture(scope="module")
 def tiny_model(exported_model_dir):
-    return load_explainable_model(exported_model_dir, batch_size=8)  # fixed: tests compare loads
+    return load_explainable_model(exported_model_dir, batch_size=8, streams=2)  # fixed: tests compare loads
 
 
 @pytest.fixture(scope="module")
 def saturating_model(tmp_path_factory):
     return load_explainable_model(export_saturating_classifier(str(tmp_path_factory.mktemp("sat") / "model")),
-                                  batch_size=8)
+                                  batch_size=8, streams=2)
 
 
 @pytest.fixture(scope="module")
@@ -762,20 +763,101 @@ def test_the_baseline_gradient_cache_is_bounded(exported_model_dir, images):
         assert model.evaluations - before == spent
 
 
-def test_the_chunk_size_is_measured_on_load_unless_given(exported_model_dir, images):
-    """Loading measures the path kernel at every candidate chunk size and keeps the fastest per
-    node (the best size is the machine's); a given size is used as is, and the chunking changes
-    no attribution."""
-    from explain.model import BATCH_SIZE_CANDIDATES
+def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_model_dir, images):
+    """Loading measures the number of chunks run at once and then the path kernel at every
+    candidate chunk size, and keeps the fastest per node (the best of both is the machine's);
+    given values are used as they are, and neither changes an attribution."""
+    from explain.model import BATCH_SIZE_CANDIDATES, STREAM_CANDIDATES, _cores
 
-    measured, given = load_explainable_model(exported_model_dir), load_explainable_model(exported_model_dir, 3)
+    measured, given = load_explainable_model(exported_model_dir), load_explainable_model(exported_model_dir, 3, streams=1)
+    assert set(measured.stream_seconds) == {s for s in STREAM_CANDIDATES if s <= _cores()} or {1}
+    assert measured.streams == min(measured.stream_seconds, key=measured.stream_seconds.get)
     assert set(measured.batch_seconds) == set(BATCH_SIZE_CANDIDATES)
-    assert all(s > 0 for s in measured.batch_seconds.values())
+    assert all(s > 0 for s in [*measured.batch_seconds.values(), *measured.stream_seconds.values()])
     assert measured.batch_size == min(measured.batch_seconds, key=measured.batch_seconds.get)
-    assert given.batch_size == 3 and not given.batch_seconds
+    assert (given.batch_size, given.streams) == (3, 1) and not given.batch_seconds and not given.stream_seconds
     x, b, classes = _paths(measured, images)
     a, c = (IntegratedGradients().GetMask(x, b, classes, m, step_count=20) for m in (measured, given))
     np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        load_explainable_model(exported_model_dir, 3, streams=0)
+
+
+def test_a_calls_chunks_run_at_once_one_per_stream_and_add_up_in_order(exported_model_dir, images):
+    """A round's nodes are cut into near-equal chunks of at most ``batch_size / streams``, at
+    least one per stream, and the chunks run at once on that many threads (the caller's one of
+    them): each thread's first chunk waits here for the other's, so a call that ran them one
+    after the other would fail. The sums add up in chunk order, so the result is the one
+    stream's to float32 rounding, and the same on every call."""
+    from explain.paths import LINEAR
+
+    one, two = (load_explainable_model(exported_model_dir, batch_size=8, streams=s) for s in (1, 2))
+    sizes = lambda n: [len(p) for p in two._chunks(np.arange(n))]  # noqa: E731
+    assert [sizes(n) for n in (1, 2, 3, 8, 9, 17)] == [[1], [1, 1], [2, 1], [4, 4], [3, 3, 3], [4, 4, 3, 3, 3]]
+    assert [len(p) for p in one._chunks(np.arange(9))] == [5, 4]
+
+    kernel, both_running = two._kernel(LINEAR), threading.Barrier(2, timeout=30)
+    threads: list[int] = []
+
+    def in_two_threads(*args):
+        if threading.get_ident() not in threads:
+            threads.append(threading.get_ident())
+            both_running.wait()  # BrokenBarrierError if the other chunk never runs at the same time
+        return kernel(*args)
+
+    two._kernels[LINEAR] = in_two_threads
+    x, b, classes = _paths(two, images)
+    ig = IntegratedGradients()
+    result = ig.GetMask(x, b, classes, two, step_count=9, quadrature="riemann_trapezoid")
+    assert len(threads) == 2 and threading.get_ident() in threads  # the caller's thread is a stream
+    expected = ig.GetMask(x, b, classes, one, step_count=9, quadrature="riemann_trapezoid")
+    np.testing.assert_allclose(result.attributions, expected.attributions, rtol=1e-5, atol=1e-9)
+    # (the first call evaluated the black baseline, which is cached from then on)
+    again, third = (ig.GetMask(x, b, classes, two, step_count=9, quadrature="riemann_trapezoid") for _ in range(2))
+    np.testing.assert_array_equal(again.attributions, third.attributions)
+
+
+def test_a_chunk_that_fails_in_a_helper_stream_fails_the_call_and_the_others_stop(exported_model_dir, images):
+    """An error in another stream's chunk is raised in the caller, which does not hang on it and
+    starts no further chunk once it is known; the model serves the next call."""
+    from explain.paths import LINEAR
+
+    model = load_explainable_model(exported_model_dir, batch_size=2, streams=2)
+    kernel, caller, calls, failed = model._kernel(LINEAR), threading.get_ident(), [], threading.Event()
+
+    def failing_elsewhere(*args):
+        calls.append(threading.get_ident())
+        if threading.get_ident() != caller:
+            failed.set()
+            raise RuntimeError("out of memory in a helper")
+        failed.wait(timeout=30)  # the helper's error is known before the caller's next chunk
+        return kernel(*args)
+
+    model._kernels[LINEAR] = failing_elsewhere
+    x, b, classes = _paths(model, images)
+    with pytest.raises(RuntimeError, match="out of memory in a helper"):
+        IntegratedGradients().GetMask(x, b, classes, model, step_count=12, quadrature="riemann_trapezoid")
+    assert len(calls) <= 3  # 12 chunks of one node; the caller stopped after the one it was running
+    model._kernels[LINEAR] = kernel
+    assert IntegratedGradients().GetMask(x, b, classes, model, step_count=4).attributions.shape == x.shape
+
+
+def test_loading_a_model_keeps_blas_on_the_calling_thread_unless_told():
+    """OpenBLAS's idle workers spin and took a core from the next TensorFlow passes (20-50 ms
+    slower after each request on 2 cores): loading a model limits the BLAS numpy loaded to one
+    thread, and leaves a count the environment gives alone."""
+    import subprocess
+    import sys
+
+    code = ("import numpy, threadpoolctl; from explain.model import quiet_blas; quiet_blas(); "
+            "print(max(i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'))")
+    from explain.model import BLAS_THREAD_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARIABLES}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                     check=True).stdout.strip().splitlines()[-1]
+    assert run(env) == "1"
+    assert run({**env, "OPENBLAS_NUM_THREADS": "2"}) == "2"
 
 
 def test_a_refinement_reads_the_path_ends_off_its_first_round(saturating_model, images, monkeypatch):
