@@ -379,21 +379,51 @@ class IntegratedGradients:
         squares: list[np.ndarray | None] = [None for _ in rows]
         map_sizes: list[np.ndarray] = [np.zeros(0) for _ in rows]
 
-        def account(r: int, i: int, sign: float) -> None:
-            """Add (``sign`` 1) or remove (-1) panel ``i`` of path ``r`` in the map bookkeeping."""
+        def add_panel(r: int, i: int) -> None:
+            """Add panel ``i`` of path ``r``'s first grid to the map bookkeeping."""
             width = alphas[r][i + 1] - alphas[r][i]
             start, end = features[r][i], features[r][i + 1]
             residual = _map_residual(width, start, end)
-            if sign > 0:
-                map_sizes[r] = np.insert(map_sizes[r], i, residual.sum())
-            total = start + end  # in place from here: this runs three times a split, on every pixel
-            total *= np.float32(sign * width / 2)
+            map_sizes[r] = np.append(map_sizes[r], residual.sum())
+            total = start + end
+            total *= np.float32(width / 2)
             maps[r] += total
             residual *= residual
-            if sign > 0:
-                squares[r] += residual
-            else:
-                squares[r] -= residual
+            squares[r] += residual
+
+        scratch: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+        def split_panel(r: int, i: int) -> None:
+            """Move the map bookkeeping of path ``r``'s panel [i - 1, i + 1] onto its halves: point
+            ``i`` has just split it. In place, in reused buffers, 20 passes over the features
+            where removing the panel and adding its halves one by one took about 27 and six
+            fresh arrays: on 192x192x3 maps that bookkeeping was 23 ms of a 610 ms default request
+            (MobileNetV2 1.0 @ 192). The squares and sizes are those :func:`_map_residual` gives,
+            to the bit, so the panels split are the same."""
+            a, m, b = features[r][i - 1], features[r][i], features[r][i + 1]
+            w1, w2 = alphas[r][i] - alphas[r][i - 1], alphas[r][i + 1] - alphas[r][i]
+            if m.shape not in scratch:
+                scratch[m.shape] = tuple(np.empty(m.shape, np.float32) for _ in range(3))
+            d1, d2, t = scratch[m.shape]
+            np.subtract(m, a, out=d1)
+            np.subtract(b, m, out=d2)
+            # the trapezoid map gains (a + m) w1 / 2 + (m + b) w2 / 2 and loses (a + b) (w1 + w2) / 2
+            np.multiply(d1, np.float32(w2 / 2), out=t)
+            maps[r] += t
+            np.multiply(d2, np.float32(w1 / 2), out=t)
+            maps[r] -= t
+            np.subtract(b, a, out=t)  # the whole panel's squared residual out ...
+            t *= np.float32((alphas[r][i + 1] - alphas[r][i - 1]) / 4)
+            np.square(t, out=t)
+            squares[r] -= t
+            halves = []
+            for d, width in ((d1, w1), (d2, w2)):  # ... and each half's in
+                np.abs(d, out=t)
+                t *= np.float32(width / 4)
+                halves.append(t.sum())
+                np.square(t, out=t)
+                squares[r] += t
+            map_sizes[r] = np.concatenate([map_sizes[r][:i - 1], halves, map_sizes[r][i:]])
 
         def evaluate(points: list[tuple[int, float]]) -> None:
             """Gradient, dF/dalpha and F at new ``(row, alpha)`` points, one batched call."""
@@ -408,18 +438,14 @@ class IntegratedGradients:
             for k, (r, a) in enumerate(points):
                 i = int(np.searchsorted(alphas[r], a))
                 split = map_target is not None and maps[r] is not None and 0 < i < len(alphas[r])
-                if split:  # panel i - 1 becomes two
-                    account(r, i - 1, -1.0)
-                    map_sizes[r] = np.delete(map_sizes[r], i - 1)
                 alphas[r] = np.insert(alphas[r], i, a)
                 vectors[r].insert(i, result.group_attributions[k])
                 if maps[r] is not None:
                     features[r].insert(i, new_features[k])
                 slopes[r] = np.insert(slopes[r], i, result.node_derivatives[k])
                 values[r] = np.insert(values[r], i, result.node_outputs[k])
-                if split:
-                    account(r, i - 1, 1.0)
-                    account(r, i, 1.0)
+                if split:  # panel i - 1 became two
+                    split_panel(r, i)
 
         evaluate([(r, float(a)) for r in rows for a in grids[r]])
         if map_target is not None:
@@ -428,7 +454,7 @@ class IntegratedGradients:
                 maps[r] = np.zeros(features[r][0].shape, np.float32)
                 squares[r] = np.zeros(features[r][0].shape, np.float32)
                 for i in range(len(alphas[r]) - 1):
-                    account(r, i, 1.0)
+                    add_panel(r, i)
         if end_outputs is None:
             f_x, f_b = (np.array([values[r][k] for r in rows], np.float64) for k in (-1, 0))
         for r in rows:  # the ends' outputs exactly as given (or as this round read them), not float32 recomputations

@@ -282,6 +282,48 @@ def test_a_refined_map_holds_each_integrand_vector_once():
     assert peak < 1.6 * out.step_counts[0] * vector, (peak / vector, out.step_counts[0])
 
 
+class _ScaledWideCurveModel(_WideCurveModel):
+    """The wide model with every pixel's integrands scaled by its own fixed factor, keeping each
+    node's integrand vector by its alpha (each node is its own group, at weight 1, in a refinement)."""
+
+    size = 32
+    scale = np.random.default_rng(0).uniform(0.2, 2.0, (1, 32, 32, 2)).astype(np.float32)
+
+    def __init__(self):
+        self.nodes: dict[float, np.ndarray] = {}
+
+    def path_gradients(self, batch):
+        wide = super().path_gradients(batch)
+        vectors = wide.group_attributions * self.scale
+        for k, alpha in enumerate(batch.alphas):
+            self.nodes[float(alpha)] = vectors[batch.node_groups[k]]
+        return PathResult(vectors, wide.node_derivatives, wide.node_outputs)
+
+
+def test_the_maps_estimate_kept_split_by_split_is_the_final_grids(monkeypatch):
+    """The refinement moves each split panel's share of the map bookkeeping (the running map, the
+    per-pixel squared residuals, each panel's residual size) onto its halves in place, and the
+    error it reports is read off what it kept: it must be the final grid's, recomputed whole, and
+    the running map's L1 norm its last round judged by must be the returned map's."""
+    import explain.integrated_gradients as ig_module
+    from explain.integrated_gradients import _grid_squares, _map_error
+
+    norms: list[float] = []
+    monkeypatch.setattr(ig_module, "_map_error", lambda squares, l1: norms.append(l1) or _map_error(squares, l1))
+    model = _ScaledWideCurveModel()
+    shape = (1, model.size, model.size, 2)
+    x, b = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    out = IntegratedGradients().GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.001,
+                                        max_step_count=400, map_target=0.002)
+    assert norms[-2] == pytest.approx(float(np.abs(out.attributions[0]).sum()), rel=1e-5)  # the last round's
+    alphas = np.array(sorted(model.nodes))
+    assert len(alphas) == out.step_counts[0] >= 60 and list(out.stop_reasons) == [CONVERGED]
+    squares = _grid_squares([model.nodes[a] for a in alphas], np.diff(alphas))
+    expected = _map_error(squares, float(np.abs(out.attributions[0]).sum()))
+    assert out.map_errors[0] == pytest.approx(expected, rel=1e-5)
+    assert expected <= 0.002
+
+
 def test_completeness_comes_first_when_map_splits_break_it_at_the_cap():
     """Splitting map panels moves the sum; if the cap then stops a path with completeness broken,
     the last grid where it held is returned (the user's target_error is the contract), at the
