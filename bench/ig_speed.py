@@ -257,7 +257,8 @@ def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:
         def round_floor(name: str):
             def run():  # after ours' run of the same image (the contenders' order; its sizes are deterministic)
                 for sizes in chunks[name]:  # each round through ours' own streams
-                    ours._run_chunks(lambda n: own_graph.gradients(repeated[n], int(c[0])), sizes)
+                    ours._run_chunks(lambda n: own_graph.gradients(repeated[n], int(c[0])), sizes,
+                                     lambda n, gradients: None)
                 record[ROUND_FLOORS[name]] = (None, sum(map(sum, chunks[name])), "floor")
             return run
 

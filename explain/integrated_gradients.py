@@ -391,7 +391,7 @@ class IntegratedGradients:
             residual *= residual
             squares[r] += residual
 
-        scratch: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        scratch: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # by the features' shape and dtype
 
         def split_panel(r: int, i: int) -> None:
             """Move the map bookkeeping of path ``r``'s panel [i - 1, i + 1] onto its halves: point
@@ -402,9 +402,9 @@ class IntegratedGradients:
             to the bit, so the panels split are the same."""
             a, m, b = features[r][i - 1], features[r][i], features[r][i + 1]
             w1, w2 = alphas[r][i] - alphas[r][i - 1], alphas[r][i + 1] - alphas[r][i]
-            if m.shape not in scratch:
-                scratch[m.shape] = tuple(np.empty(m.shape, np.float32) for _ in range(3))
-            d1, d2, t = scratch[m.shape]
+            if (m.shape, m.dtype) not in scratch:
+                scratch[m.shape, m.dtype] = tuple(np.empty(m.shape, m.dtype) for _ in range(3))
+            d1, d2, t = scratch[m.shape, m.dtype]
             np.subtract(m, a, out=d1)
             np.subtract(b, m, out=d2)
             # the trapezoid map gains (a + m) w1 / 2 + (m + b) w2 / 2 and loses (a + b) (w1 + w2) / 2

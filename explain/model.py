@@ -29,7 +29,7 @@ import posixpath
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -188,11 +188,15 @@ class ExplainableModel:
             return (group_ids, *(t.numpy() for t in outs))
 
         raw_grads, raw_outputs = [], []
-        for part, (group_ids, sums, d, f, raw) in zip(parts, self._run_chunks(run, parts)):  # in order
+
+        def fold(part: np.ndarray, result: tuple[np.ndarray, ...]) -> None:
+            group_ids, sums, d, f, raw = result
             derivatives[part], outputs[part] = d, f
             groups[group_ids] += sums
             raw_grads.extend(raw)
             raw_outputs.extend(f[:len(raw)])
+
+        self._run_chunks(run, parts, fold)
         with self._end_cache_lock:
             self.evaluations += len(order)
         for (key, node), grad, value in zip(missing, raw_grads, raw_outputs):
@@ -209,47 +213,78 @@ class ExplainableModel:
         return PathResult(groups, derivatives, outputs)
 
     def _chunks(self, order: np.ndarray) -> list[np.ndarray]:
-        """``order`` in near-equal chunks (no batch of 1 beside a larger one) of at most
-        ``batch_size / streams`` nodes, and at least one per stream while nodes last."""
+        """``order`` in near-equal chunks (their sizes differ by at most one) of at most
+        ``batch_size // streams`` nodes, and at least one per stream while nodes last, so at most
+        ``batch_size`` nodes are in flight at once."""
         if not len(order):
             return []
-        streams = max(1, self.streams)
-        largest = max(1, math.ceil(self.batch_size / streams))
+        streams = self._lanes()
+        largest = max(1, self.batch_size // streams)
         return np.array_split(order, max(min(len(order), streams), math.ceil(len(order) / largest)))
 
-    def _run_chunks(self, run: Callable[[np.ndarray], Any], parts: list[np.ndarray]) -> list[Any]:
-        """``[run(part) for part in parts]``, on up to ``streams`` threads at once: the caller's
-        and helpers from the model's pool, each taking the next chunk until none is left.
+    def _lanes(self) -> int:
+        """Chunks run at once: ``streams``, but never more than ``batch_size`` nodes in flight."""
+        return max(1, min(self.streams, self.batch_size))
+
+    def _run_chunks(self, run: Callable[[np.ndarray], Any], parts: list[np.ndarray],
+                    fold: Callable[[np.ndarray, Any], None]) -> None:
+        """``fold(part, run(part))`` for every part, in order, with the runs up to ``streams`` at
+        once: the caller's thread and helpers from the model's pool each take the next chunk
+        until none is left, and each result is folded (under a lock, in the parts' order, so the
+        sums are the same on every call) as soon as those before it are. A lane does not start
+        a chunk more than two rounds of lanes ahead of the fold, so the results waiting in memory
+        stay bounded however many chunks a call has.
 
         A pass over one path point keeps about one core busy on MobileNetV2 1.0 @ 192 (oneDNN
         splits little of its work at batch 1: 17.3 ms alone on 1 thread or 2), so the small
         rounds of the adaptive mode left the second core idle. Measured on 2 cores, ms per
         round: 1+1 nodes at once 22-23 against 27.5-29 for 2 in one call, 2+2 36.5-38 against
         43-44, 3+3 53-56 against 58-61, 8+8 134-146 against 145-149. The caller's thread is one
-        of the streams, so a request never waits on the pool alone: when another request holds
-        the helpers, it runs its chunks itself."""
-        results: list[Any] = [None] * len(parts)
+        of the lanes, so a request never waits on the pool alone: when another request holds
+        the helpers, it runs its chunks itself. The first error of any lane is raised once every
+        lane has stopped; no chunk starts after it."""
+        lanes = min(self._lanes(), len(parts))
         upcoming = iter(range(len(parts)))  # next() on a range iterator is atomic under the GIL
-        failed = threading.Event()
+        state = threading.Condition()
+        waiting: dict[int, Any] = {}  # results run, not yet folded
+        folded = 0
+        failures: list[BaseException] = []
 
         def lane() -> None:
+            nonlocal folded
             for i in upcoming:
-                if failed.is_set():
-                    return
+                with state:
+                    state.wait_for(lambda: failures or i < folded + 2 * lanes)
+                    if failures:
+                        return
                 try:
-                    results[i] = run(parts[i])
-                except BaseException:
-                    failed.set()
-                    raise
+                    result = run(parts[i])
+                    with state:
+                        waiting[i] = result
+                        while folded in waiting and not failures:
+                            fold(parts[folded], waiting.pop(folded))
+                            folded += 1
+                except BaseException as error:  # noqa: BLE001 - raised in the caller below
+                    with state:
+                        failures.append(error)
+                        state.notify_all()
+                    return
+                with state:
+                    state.notify_all()
 
-        helpers = [self._helper_pool().submit(lane) for _ in range(min(self.streams, len(parts)) - 1)]
-        try:
-            lane()
-        finally:
-            for future in helpers:  # one not started yet is not waited for; a helper's error is raised
-                if not future.cancel():
-                    future.result()
-        return results
+        helpers = []
+        for _ in range(lanes - 1):
+            try:
+                helpers.append(self._helper_pool().submit(lane))
+            except RuntimeError:  # the interpreter is shutting down: the caller runs them all
+                break
+        lane()
+        for future in helpers:  # one not started yet never will be; the others are waited for
+            future.cancel()
+        wait(helpers)
+        if failures:
+            raise failures[0]
+        assert folded == len(parts), (folded, len(parts))
 
     def _helper_pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -409,7 +444,7 @@ def _round_seconds(model: ExplainableModel, image: np.ndarray, n: int, repeats: 
     seconds = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        model._run_chunks(run, parts)
+        model._run_chunks(run, parts, lambda part, result: None)
         seconds.append(time.perf_counter() - start)
     return min(seconds[1:])
 
