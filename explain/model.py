@@ -94,7 +94,7 @@ class ExplainableModel:
     #: ``batch_size`` nodes in flight are shared among them
     streams: int = 1
     #: seconds per node of a round of :data:`STREAM_ROUND` nodes in each number of streams tried,
-    #: when :func:`calibrate_batch_size` chose ``streams``
+    #: when :func:`calibrate_streams` chose ``streams``
     stream_seconds: dict[int, float] = field(default_factory=dict)
     _loaded: Any = field(default=None, repr=False)
     #: the ``xai_model`` with its batch normalizations folded (:mod:`explain.folding`), which the
