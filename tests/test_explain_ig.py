@@ -304,19 +304,37 @@ class _ScaledWideCurveModel(_WideCurveModel):
 def test_the_maps_estimate_kept_split_by_split_is_the_final_grids(monkeypatch):
     """The refinement moves each split panel's share of the map bookkeeping (the running map, the
     per-pixel squared residuals, each panel's residual size) onto its halves in place, and the
-    error it reports is read off what it kept: it must be the final grid's, recomputed whole, and
-    the running map's L1 norm its last round judged by must be the returned map's."""
+    error it reports is read off what it kept: it must be the final grid's, recomputed whole; the
+    running map's L1 norm its last round judged by must be the returned map's; and every round's
+    panel sizes, which choose the map's splits, must be the grid's as it stands, in its order."""
     import explain.integrated_gradients as ig_module
     from explain.integrated_gradients import _grid_squares, _map_error
 
     norms: list[float] = []
     monkeypatch.setattr(ig_module, "_map_error", lambda squares, l1: norms.append(l1) or _map_error(squares, l1))
     model = _ScaledWideCurveModel()
+    checked_sizes: list[int] = []
+    panels_to_split = ig_module._panels_to_split
+
+    def sizes_are_the_grids(residuals, widths, tolerance, signed=True):
+        """Each round's map panel sizes, in grid order, against the grid evaluated so far."""
+        if not signed:
+            grid = np.array(sorted(model.nodes))
+            np.testing.assert_allclose(widths, np.diff(grid), rtol=1e-12)
+            nodes = [model.nodes[a] for a in grid]
+            expected = [np.abs(nodes[k + 1] - nodes[k]).sum() * (grid[k + 1] - grid[k]) / 4
+                        for k in range(len(grid) - 1)]
+            np.testing.assert_allclose(residuals, expected, rtol=1e-4)
+            checked_sizes.append(len(grid))
+        return panels_to_split(residuals, widths, tolerance, signed)
+
+    monkeypatch.setattr(ig_module, "_panels_to_split", sizes_are_the_grids)
     shape = (1, model.size, model.size, 2)
     x, b = np.ones(shape, np.float32), np.zeros(shape, np.float32)
     out = IntegratedGradients().GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.001,
                                         max_step_count=400, map_target=0.002)
     assert norms[-2] == pytest.approx(float(np.abs(out.attributions[0]).sum()), rel=1e-5)  # the last round's
+    assert len(checked_sizes) >= 5 and checked_sizes[-1] >= 40  # many rounds' sizes, on grids of many splits
     alphas = np.array(sorted(model.nodes))
     assert len(alphas) == out.step_counts[0] >= 60 and list(out.stop_reasons) == [CONVERGED]
     squares = _grid_squares([model.nodes[a] for a in alphas], np.diff(alphas))
@@ -812,7 +830,8 @@ def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_m
     given values are used as they are, and neither changes an attribution."""
     from explain.model import BATCH_SIZE_CANDIDATES, STREAM_CANDIDATES, _cores
 
-    measured, given = load_explainable_model(exported_model_dir), load_explainable_model(exported_model_dir, 3, streams=1)
+    measured = load_explainable_model(exported_model_dir)
+    given = load_explainable_model(exported_model_dir, 3, streams=1)
     assert set(measured.stream_seconds) == ({s for s in STREAM_CANDIDATES if s <= _cores()} or {1})
     assert measured.streams == min(measured.stream_seconds, key=measured.stream_seconds.get)
     assert set(measured.batch_seconds) == set(BATCH_SIZE_CANDIDATES)
