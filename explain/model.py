@@ -264,13 +264,12 @@ class ExplainableModel:
                         while folded in waiting and not failures:
                             fold(parts[folded], waiting.pop(folded))
                             folded += 1
+                        state.notify_all()
                 except BaseException as error:  # noqa: BLE001 - raised in the caller below
                     with state:
                         failures.append(error)
                         state.notify_all()
                     return
-                with state:
-                    state.notify_all()
 
         helpers = []
         for _ in range(lanes - 1):
