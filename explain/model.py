@@ -185,14 +185,19 @@ class ExplainableModel:
                           tf.constant(node_groups, tf.int32), tf.constant(batch.alphas[part], tf.float32),
                           tf.constant(weights[part], tf.float32), tf.constant(len(group_ids), tf.int32),
                           tf.constant(batch.max_blur_sigma, tf.float32), tf.constant(raw_count, tf.int32))
-            return (group_ids, *(t.numpy() for t in outs))
+            # views, not copies: ``.numpy()`` copies, about 1 ms for a chunk of 4 gradients of 192x192x3
+            return (group_ids, *(np.asarray(t) for t in outs))
 
         raw_grads, raw_outputs = [], []
 
         def fold(part: np.ndarray, result: tuple[np.ndarray, ...]) -> None:
             group_ids, sums, d, f, raw = result
             derivatives[part], outputs[part] = d, f
-            groups[group_ids] += sums
+            if group_ids[-1] - group_ids[0] == len(group_ids) - 1:  # a range (each node its own group, in
+                # the adaptive mode): one in-place pass, where an indexed += gathers, adds and scatters
+                groups[group_ids[0]:group_ids[-1] + 1] += sums
+            else:
+                groups[group_ids] += sums
             raw_grads.extend(raw)
             raw_outputs.extend(f[:len(raw)])
 

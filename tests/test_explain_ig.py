@@ -305,7 +305,8 @@ def test_the_maps_estimate_kept_split_by_split_is_the_final_grids(monkeypatch):
     """The refinement moves each split panel's share of the map bookkeeping (the running map, the
     per-pixel squared residuals, each panel's residual size) onto its halves in place, and the
     error it reports is read off what it kept: it must be the final grid's, recomputed whole; the
-    running map's L1 norm its last round judged by must be the returned map's; and every round's
+    map returned (the running one) must be the grid's trapezoid sum, and its L1 norm the one the
+    last round judged by; and every round's
     panel sizes, which choose the map's splits, must be the grid's as it stands, in its order."""
     import explain.integrated_gradients as ig_module
     from explain.integrated_gradients import _grid_squares, _map_error
@@ -337,6 +338,12 @@ def test_the_maps_estimate_kept_split_by_split_is_the_final_grids(monkeypatch):
     assert len(checked_sizes) >= 5 and checked_sizes[-1] >= 40  # many rounds' sizes, on grids of many splits
     alphas = np.array(sorted(model.nodes))
     assert len(alphas) == out.step_counts[0] >= 60 and list(out.stop_reasons) == [CONVERGED]
+    # the map returned is the running one: it must be the final grid's trapezoid sum, recomputed
+    weights = np.zeros(len(alphas))
+    weights[:-1] += np.diff(alphas) / 2
+    weights[1:] += np.diff(alphas) / 2
+    whole = sum(w * model.nodes[a].astype(np.float64) for w, a in zip(weights, alphas))
+    np.testing.assert_allclose(out.attributions[0], whole, rtol=0, atol=1e-5 * np.abs(whole).max())
     squares = _grid_squares([model.nodes[a] for a in alphas], np.diff(alphas))
     expected = _map_error(squares, float(np.abs(out.attributions[0]).sum()))
     assert out.map_errors[0] == pytest.approx(expected, rel=1e-5)

@@ -167,7 +167,10 @@ def test_xrai_refines_the_region_means_it_ranks_by_default_on_the_trained_model(
                                map_features=lambda r, v: summary(v), **common)
     loose_pixels = ig.GetMask(x, baselines, np.repeat(c, 2), model, map_target=1.0, **common)
     assert list(loose_regions.step_counts) == list(loose_pixels.step_counts)
-    np.testing.assert_array_equal(loose_regions.attributions, loose_pixels.attributions)
+    # the pixels' attribution is the map the refinement kept split by split, the regions' a sum over
+    # the grid: equal up to float32 rounding (a different grid differs by percents)
+    scale = np.abs(loose_pixels.attributions).max()
+    np.testing.assert_allclose(loose_regions.attributions, loose_pixels.attributions, rtol=0, atol=1e-5 * scale)
     assert loose_regions.map_errors[0] < loose_pixels.map_errors[0] <= 1.0
 
     def cost(method: dict) -> tuple[int, list]:
