@@ -166,12 +166,13 @@ def _stuck(residuals: np.ndarray, widths: np.ndarray, tolerance: float, signed: 
     return bool(np.sign(narrow) * nearest > tolerance)
 
 
-def _map_residual(width: float, difference: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def _map_residual(width: float | np.ndarray, difference: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """A panel's expected per-pixel trapezoid error from ``difference = v_end - v_start``: for an
     integrand that is constant on either side of one kink at a uniform position in the panel
     (ReLU6), the error is ``(v_start - v_end) (width / 2 - t)``, of mean magnitude
     ``width / 4 |v_end - v_start|``. First order: on a smooth integrand it over-estimates (its
-    error falls as width cubed). Into ``out`` when given (``difference`` itself may be it)."""
+    error falls as width cubed). Into ``out`` when given (``difference`` itself may be it);
+    ``width`` may be panels' widths shaped to broadcast against a stack of their differences."""
     residual = np.abs(difference, out=out)
     residual *= np.float32(width / 4)
     return residual
@@ -197,9 +198,8 @@ def _grid_squares(nodes: Sequence[np.ndarray], widths: np.ndarray, chunk: int = 
     for lo in range(0, len(widths), chunk):
         hi = min(lo + chunk, len(widths))
         block = np.stack(nodes[lo:hi + 1])
-        diff = block[1:] - block[:-1]
-        diff *= (widths[lo:hi] / 4).astype(np.float32).reshape((-1,) + (1,) * (block.ndim - 1))
-        squares += np.einsum("i...,i...->...", diff, diff)
+        residuals = _map_residual(widths[lo:hi].reshape((-1,) + (1,) * (block.ndim - 1)), block[1:] - block[:-1])
+        squares += np.einsum("i...,i...->...", residuals, residuals)
     return squares
 
 

@@ -435,22 +435,38 @@ def _interior_nodes(image: np.ndarray, n: int) -> tuple:
             tf.constant(n, tf.int32), tf.constant(0.0), tf.constant(0, tf.int32))
 
 
-def _round_seconds(model: ExplainableModel, image: np.ndarray, n: int, repeats: int) -> float:
-    """The best of ``repeats`` timed rounds (after one warm-up) of ``n`` interior nodes of the
-    linear path kernel, chunked and run as the model's ``batch_size`` and ``streams`` say."""
+def _round_seconds(model: ExplainableModel, image: np.ndarray, settings: dict[Any, dict[str, int]],
+                   repeats: int) -> dict[Any, float]:
+    """Per key of ``settings``, the best of ``repeats`` timed rounds of the linear path kernel,
+    with the model's attributes set as the key's value says (``nodes`` interior nodes of the
+    path, chunked and run as ``batch_size`` and ``streams`` say): one untimed round of each
+    first, then the keys in turn, repeat by repeat, so a disturbance of the host while one is
+    timed (a few ms: this is a shared 2-core VM) hits every key's repeats alike, where timing
+    each key's repeats together chose 4 nodes in flight over 8 at one load in ``make bench``
+    (MobileNetV2 1.0 @ 192), where the default request's passes then cost 1.10 of the folded
+    floor against 1.02-1.03 at 8; the bench's 12 default requests take 12% longer at 4 than at 8."""
     kernel = model._kernel(LINEAR)
-    parts = model._chunks(np.arange(n))
-    arguments = {len(part): _interior_nodes(image, len(part)) for part in parts}
+    kept = model.batch_size, model.streams
 
-    def run(part: np.ndarray) -> list[np.ndarray]:
-        return [t.numpy() for t in kernel(*arguments[len(part)])]
-
-    seconds = []
-    for _ in range(repeats + 1):
+    def timed(setting: dict[str, int]) -> float:
+        model.batch_size, model.streams = setting["batch_size"], setting["streams"]
+        parts = model._chunks(np.arange(setting["nodes"]))
+        arguments = {len(part): _interior_nodes(image, len(part)) for part in parts}
         start = time.perf_counter()
-        model._run_chunks(run, parts, lambda part, result: None)
-        seconds.append(time.perf_counter() - start)
-    return min(seconds[1:])
+        model._run_chunks(lambda part: [np.asarray(t) for t in kernel(*arguments[len(part)])], parts,
+                          lambda part, result: None)
+        return time.perf_counter() - start
+
+    try:
+        for setting in settings.values():
+            timed(setting)
+        best = dict.fromkeys(settings, math.inf)
+        for _ in range(repeats):
+            for key, setting in settings.items():
+                best[key] = min(best[key], timed(setting))
+        return best
+    finally:
+        model.batch_size, model.streams = kept
 
 
 def _cores() -> int:
@@ -459,33 +475,31 @@ def _cores() -> int:
 
 
 def calibrate_streams(model: ExplainableModel, candidates: tuple[int, ...] = STREAM_CANDIDATES,
-                      repeats: int = 2) -> dict[int, float]:
+                      repeats: int = 3) -> dict[int, float]:
     """Seconds per node of a round of :data:`STREAM_ROUND` nodes in each candidate number of
     streams up to the cores this process may use (on a mid-grey image), and set the model's
     ``streams`` to the fastest. About 0.3 s for MobileNetV2 1.0 @ 192 on 2 cores."""
     image = np.full((1, *model.image_shape), 0.5, np.float32)
-    per_node: dict[int, float] = {}
-    for streams in [c for c in candidates if c <= _cores()] or [1]:
-        model.streams = streams
-        per_node[streams] = _round_seconds(model, image, STREAM_ROUND, repeats) / STREAM_ROUND
+    settings = {streams: dict(nodes=STREAM_ROUND, batch_size=model.batch_size, streams=streams)
+                for streams in [c for c in candidates if c <= _cores()] or [1]}
+    per_node = {streams: seconds / STREAM_ROUND
+                for streams, seconds in _round_seconds(model, image, settings, repeats).items()}
     model.streams = min(per_node, key=per_node.get)
     model.stream_seconds = per_node
     return per_node
 
 
 def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = BATCH_SIZE_CANDIDATES,
-                         repeats: int = 2) -> dict[int, float]:
+                         repeats: int = 3) -> dict[int, float]:
     """Seconds per node of the linear path kernel at each candidate number of nodes in flight
-    (the best of ``repeats`` timed rounds after one warm-up, on a mid-grey image, in the model's
-    ``streams``), and set the model's ``batch_size`` to the fastest. Once per load: 1.3 s for
-    MobileNetV2 1.0 @ 192 on this project's current 2-core host, about 4 s on the previous one.
+    (the best of ``repeats`` timed rounds, the candidates in turn: :func:`_round_seconds`; on a
+    mid-grey image, in the model's ``streams``), and set the model's ``batch_size`` to the
+    fastest. Once per load: about 1 s for MobileNetV2 1.0 @ 192 on this project's current 2-core host.
     The chunking changes results only in float32 rounding (as the make-up of a request's rounds
     already does)."""
     image = np.full((1, *model.image_shape), 0.5, np.float32)
-    per_node: dict[int, float] = {}
-    for n in candidates:
-        model.batch_size = n
-        per_node[n] = _round_seconds(model, image, n, repeats) / n
+    settings = {n: dict(nodes=n, batch_size=n, streams=model.streams) for n in candidates}
+    per_node = {n: seconds / n for n, seconds in _round_seconds(model, image, settings, repeats).items()}
     model.batch_size = min(per_node, key=per_node.get)
     model.batch_seconds = per_node
     return per_node

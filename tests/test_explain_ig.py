@@ -852,6 +852,31 @@ def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_m
         load_explainable_model(exported_model_dir, 3, streams=0)
 
 
+def test_calibration_times_the_candidates_in_turn(exported_model_dir, monkeypatch):
+    """Each candidate is timed once untimed, then the candidates in turn, repeat by repeat (so a
+    passing disturbance of the host hits them alike, not the repeats of one), and the model keeps
+    the fastest per node; measuring streams leaves the chunk size as it was."""
+    from explain.model import BATCH_SIZE_CANDIDATES, ExplainableModel, _cores, calibrate_batch_size, calibrate_streams
+
+    model = load_explainable_model(exported_model_dir, 3, streams=1)
+    timed: list[tuple[int, int, int]] = []  # (batch_size, streams, nodes) of each round timed
+    run_chunks = ExplainableModel._run_chunks
+
+    def recorded(self, run, parts, fold):
+        timed.append((self.batch_size, self.streams, sum(map(len, parts))))
+        return run_chunks(self, run, parts, fold)
+
+    monkeypatch.setattr(ExplainableModel, "_run_chunks", recorded)
+    per_node = calibrate_batch_size(model, repeats=3)
+    assert timed == [(n, 1, n) for n in BATCH_SIZE_CANDIDATES] * 4
+    assert model.batch_size == min(per_node, key=per_node.get) and model.streams == 1
+    timed.clear()
+    chosen = model.batch_size
+    calibrate_streams(model, candidates=(1, 2), repeats=2)
+    assert [streams for _, streams, _ in timed] == ([s for s in (1, 2) if s <= _cores()] or [1]) * 3
+    assert model.batch_size == chosen
+
+
 def test_a_calls_chunks_run_at_once_one_per_stream_and_add_up_in_order(exported_model_dir, images):
     """A round's nodes are cut into near-equal chunks of at most ``batch_size / streams``, at
     least one per stream, and the chunks run at once on that many threads (the caller's one of
