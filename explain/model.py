@@ -441,10 +441,10 @@ def _round_seconds(model: ExplainableModel, image: np.ndarray, settings: dict[An
     with the model's attributes set as the key's value says (``nodes`` interior nodes of the
     path, chunked and run as ``batch_size`` and ``streams`` say): one untimed round of each
     first, then the keys in turn, repeat by repeat, so a disturbance of the host while one is
-    timed (a few ms: this is a shared 2-core VM) hits every key's repeats alike, where timing
-    each key's repeats together chose 4 nodes in flight over 8 at one load in ``make bench``
-    (MobileNetV2 1.0 @ 192), where the default request's passes then cost 1.10 of the folded
-    floor against 1.02-1.03 at 8; the bench's 12 default requests take 12% longer at 4 than at 8."""
+    timed (a few ms, on a shared 2-core VM) hits every key's repeats alike. Timing each key's
+    repeats together once chose 4 nodes in flight over 8 at a load in ``make bench`` (MobileNetV2
+    1.0 @ 192): the default request's passes then cost 1.10 of the folded floor, against
+    1.01-1.03 at 8, and the bench's 12 default requests take 12% longer at 4 than at 8."""
     kernel = model._kernel(LINEAR)
     kept = model.batch_size, model.streams
 

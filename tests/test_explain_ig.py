@@ -853,7 +853,7 @@ def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_m
 
 
 def test_calibration_times_the_candidates_in_turn(exported_model_dir, monkeypatch):
-    """Each candidate is timed once untimed, then the candidates in turn, repeat by repeat (so a
+    """Each candidate runs once untimed, then the candidates are timed in turn, repeat by repeat (so a
     passing disturbance of the host hits them alike, not the repeats of one), and the model keeps
     the fastest per node; measuring streams leaves the chunk size as it was."""
     from explain.model import BATCH_SIZE_CANDIDATES, ExplainableModel, _cores, calibrate_batch_size, calibrate_streams
