@@ -193,11 +193,7 @@ class ExplainableModel:
         def fold(part: np.ndarray, result: tuple[np.ndarray, ...]) -> None:
             group_ids, sums, d, f, raw = result
             derivatives[part], outputs[part] = d, f
-            if group_ids[-1] - group_ids[0] == len(group_ids) - 1:  # a range (each node its own group, in
-                # the adaptive mode): one in-place pass, where an indexed += gathers, adds and scatters
-                groups[group_ids[0]:group_ids[-1] + 1] += sums
-            else:
-                groups[group_ids] += sums
+            groups[group_ids] += sums
             raw_grads.extend(raw)
             raw_outputs.extend(f[:len(raw)])
 
@@ -444,7 +440,7 @@ def _round_seconds(model: ExplainableModel, image: np.ndarray, settings: dict[An
     timed (a few ms, on a shared 2-core VM) hits every key's repeats alike. Timing each key's
     repeats together once chose 4 nodes in flight over 8 at a load in ``make bench`` (MobileNetV2
     1.0 @ 192): the default request's passes then cost 1.10 of the folded floor, against
-    1.01-1.03 at 8, and the bench's 12 default requests take 12% longer at 4 than at 8."""
+    1.01-1.06 at 8 over three runs, and the bench's 12 default requests take 12% longer at 4 than at 8."""
     kernel = model._kernel(LINEAR)
     kept = model.batch_size, model.streams
 
@@ -478,7 +474,7 @@ def calibrate_streams(model: ExplainableModel, candidates: tuple[int, ...] = STR
                       repeats: int = 3) -> dict[int, float]:
     """Seconds per node of a round of :data:`STREAM_ROUND` nodes in each candidate number of
     streams up to the cores this process may use (on a mid-grey image), and set the model's
-    ``streams`` to the fastest. About 0.3 s for MobileNetV2 1.0 @ 192 on 2 cores."""
+    ``streams`` to the fastest. About 0.3-0.5 s for MobileNetV2 1.0 @ 192 on 2 cores."""
     image = np.full((1, *model.image_shape), 0.5, np.float32)
     settings = {streams: dict(nodes=STREAM_ROUND, batch_size=model.batch_size, streams=streams)
                 for streams in [c for c in candidates if c <= _cores()] or [1]}
