@@ -40,7 +40,7 @@ import tensorflow as tf
 import threadpoolctl
 
 from explain.folding import FoldedFunction, fold_batch_norms
-from explain.integrated_gradients import PathBatch, PathResult
+from explain.integrated_gradients import GroupSums, PathBatch, PathResult
 from explain.paths import LINEAR, SCALE_SPACE, frequency_squared
 from trainer.export import read_explanation_metadata, read_labels
 from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
@@ -163,7 +163,7 @@ class ExplainableModel:
         (:meth:`_shared_ends`); their contributions are added here from the gradient itself."""
         kernel = self._kernel(batch.path)
         n = len(batch.alphas)
-        groups = np.zeros((batch.num_groups, *batch.inputs.shape[1:]), np.float32)
+        groups = GroupSums(batch.num_groups, batch.inputs.shape[1:])
         derivatives = np.zeros(n, np.float32)
         outputs = np.zeros(n, np.float32)
         ends, sharing, missing = self._shared_ends(batch) if batch.path == LINEAR and self.share_ends else ({}, {}, [])
@@ -193,7 +193,8 @@ class ExplainableModel:
         def fold(part: np.ndarray, result: tuple[np.ndarray, ...]) -> None:
             group_ids, sums, d, f, raw = result
             derivatives[part], outputs[part] = d, f
-            groups[group_ids] += sums
+            for group, total in zip(group_ids.tolist(), sums):
+                groups.add(group, total)
             raw_grads.extend(raw)
             raw_outputs.extend(f[:len(raw)])
 
@@ -210,8 +211,8 @@ class ExplainableModel:
             contribution = grad * (batch.inputs[row] - batch.baselines[row])
             derivatives[node] = contribution.sum(dtype=np.float64)
             outputs[node] = value
-            groups[batch.node_groups[node]] += batch.weights[node] * contribution
-        return PathResult(groups, derivatives, outputs)
+            groups.add(int(batch.node_groups[node]), batch.weights[node] * contribution)
+        return PathResult(groups.arrays(), derivatives, outputs)
 
     def _chunks(self, order: np.ndarray) -> list[np.ndarray]:
         """``order`` in near-equal chunks (their sizes differ by at most one) of at most
@@ -279,9 +280,9 @@ class ExplainableModel:
             except RuntimeError:  # the interpreter is shutting down: the caller runs them all
                 break
         lane()
-        for future in helpers:  # one not started yet never will be; the others are waited for
-            future.cancel()
-        wait(helpers)
+        # one not started yet never will be and is not waited for (wait() would block until the
+        # pool is done with another request's lane); the others are
+        wait([future for future in helpers if not future.cancel()])
         if failures:
             raise failures[0]
         assert folded == len(parts), (folded, len(parts))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from explain.integrated_gradients import PathBatch, PathResult
+from explain.integrated_gradients import GroupSums, PathBatch, PathResult
 
 
 class Cancelled(Exception):
@@ -96,7 +96,7 @@ class CancellableModel:
         """The wrapped model's path gradients, one chunk of nodes at a time: each chunk is sent
         as a batch of its own with its groups renumbered, and its sums added into place."""
         n, step = len(batch.alphas), self._model.batch_size
-        groups = np.zeros((batch.num_groups, *batch.inputs.shape[1:]), np.float32)
+        groups = GroupSums(batch.num_groups, batch.inputs.shape[1:])
         derivatives, outputs = np.zeros(n, np.float32), np.zeros(n, np.float32)
         for lo in range(0, n, step):
             self._token.check()
@@ -107,7 +107,8 @@ class CancellableModel:
                 node_rows=batch.node_rows[lo:hi], node_groups=local_groups.astype(np.int32),
                 alphas=batch.alphas[lo:hi], weights=batch.weights[lo:hi], num_groups=len(group_ids),
                 path=batch.path, max_blur_sigma=batch.max_blur_sigma))
-            groups[group_ids] += part.group_attributions
+            for group, total in zip(group_ids.tolist(), part.group_attributions):
+                groups.add(group, total)
             derivatives[lo:hi], outputs[lo:hi] = part.node_derivatives, part.node_outputs
         self._token.check()
-        return PathResult(groups, derivatives, outputs)
+        return PathResult(groups.arrays(), derivatives, outputs)

@@ -17,7 +17,7 @@ from saliency import core as saliency_core
 
 from explain import NonFiniteAttributionError, explain_images, load_explainable_model
 from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT, MIN_PANEL_WIDTH, NONFINITE,
-                                          RESOLUTION, IntegratedGradients, PathResult, _panels_to_split)
+                                          RESOLUTION, GroupSums, IntegratedGradients, PathResult, _panels_to_split)
 from explain.testing import export_saturating_classifier, smooth_images
 
 
@@ -348,6 +348,108 @@ def test_the_maps_estimate_kept_split_by_split_is_the_final_grids(monkeypatch):
     expected = _map_error(squares, float(np.abs(out.attributions[0]).sum()))
     assert out.map_errors[0] == pytest.approx(expected, rel=1e-5)
     assert expected <= 0.002
+
+
+def test_the_map_bookkeeping_in_two_halves_of_the_pixels_gives_the_same_refinement(monkeypatch):
+    """Each round's map bookkeeping runs on two halves of the pixels, the second on a helper thread:
+    on maps too small to hand off, and on the same maps handed off, every split, map and reported
+    error is the same to the bit."""
+    import explain.integrated_gradients as ig_module
+
+    def refine():
+        model = _ScaledWideCurveModel()
+        shape = (1, model.size, model.size, 2)
+        x, b = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+        return IntegratedGradients().GetMask(x, b, np.array([0]), model, step_count=5, target_error=0.001,
+                                             max_step_count=400, map_target=0.002)
+
+    handed_off: list[int] = []
+    submit = ig_module._HELPER.submit
+    monkeypatch.setattr(ig_module._HELPER, "submit", lambda *a: handed_off.append(1) or submit(*a))
+    alone = refine()
+    assert not handed_off  # 32x32x2 is under HALVES_MIN_SIZE
+    monkeypatch.setattr(ig_module, "HALVES_MIN_SIZE", 0)
+    halves = refine()
+    assert len(handed_off) >= 5  # every round that split a panel
+    assert alone.step_counts[0] == halves.step_counts[0] >= 60
+    np.testing.assert_array_equal(alone.attributions, halves.attributions)
+    np.testing.assert_array_equal(alone.map_errors, halves.map_errors)
+
+
+def test_the_halves_run_on_the_helper_when_it_is_free_else_both_in_the_caller():
+    """The second half runs at once on the helper (each half here waits for the other); when the
+    helper is busy with another request's bookkeeping the caller runs both and does not wait for
+    it; an error in either half is raised, once neither runs."""
+    from explain.integrated_gradients import HALVES_MIN_SIZE, _HELPER, _in_halves
+
+    both_running = threading.Barrier(2, timeout=30)
+    threads: dict[int, int] = {}
+
+    def together(k: int) -> int:
+        threads[k] = threading.get_ident()
+        both_running.wait()  # BrokenBarrierError unless the other half runs at the same time
+        return 10 + k
+
+    assert _in_halves(together, HALVES_MIN_SIZE) == (10, 11)
+    assert len(set(threads.values())) == 2 and threading.get_ident() in threads.values()
+
+    def where(k: int) -> int:
+        threads[k] = threading.get_ident()
+        return k
+
+    release = threading.Event()
+    busy = _HELPER.submit(release.wait, 30)
+    try:
+        threads.clear()
+        assert _in_halves(where, HALVES_MIN_SIZE) == (0, 1)
+        assert set(threads.values()) == {threading.get_ident()} and not busy.done()
+    finally:
+        release.set()
+        busy.result()
+    threads.clear()
+    assert _in_halves(where, 10) == (0, 1) and set(threads.values()) == {threading.get_ident()}  # small: no hand-off
+
+    def failing(k: int) -> int:
+        if k == 1:
+            raise ValueError("the second half failed")
+        time.sleep(0.05)
+        return k
+
+    with pytest.raises(ValueError, match="second half"):
+        _in_halves(failing, HALVES_MIN_SIZE)
+
+
+def test_a_groups_first_array_is_kept_uncopied_and_never_written_into(tiny_model, images):
+    """The adaptive mode's groups are single nodes: the model hands each one's gradient sum back as
+    its kernel returned it (a read-only view, no copy of a map per evaluation); a group given a
+    second array is summed into a copy, so the arrays given are never written into."""
+    from explain.integrated_gradients import PathBatch
+    from explain.paths import LINEAR
+
+    first, second, third = (np.full((2, 2, 3), v, np.float32) for v in (1.0, 2.0, 4.0))
+    for array in (first, second, third):
+        array.flags.writeable = False
+    sums = GroupSums(3, (2, 2, 3))
+    for group, array in ((0, first), (1, first), (1, second), (1, third)):
+        sums.add(group, array)
+    kept, summed, empty = sums.arrays()
+    assert kept is first
+    np.testing.assert_array_equal(summed, 7.0)
+    np.testing.assert_array_equal(empty, 0.0)
+    np.testing.assert_array_equal(first, 1.0)
+    np.testing.assert_array_equal(second, 2.0)
+
+    x, b, classes = _paths(tiny_model, images)
+    alphas = np.array([0.2, 0.4, 0.6, 0.8, 0.3, 0.5], np.float32)
+    rows = np.array([0, 0, 0, 0, 1, 1], np.int32)
+    single = tiny_model.path_gradients(PathBatch(x, b, classes, rows, np.arange(6, dtype=np.int32), alphas,
+                                                 np.ones(6, np.float32), 6, LINEAR))
+    assert not any(array.flags.writeable for array in single.group_attributions)  # the kernel's own outputs
+    merged = tiny_model.path_gradients(PathBatch(x, b, classes, rows, rows, alphas, np.ones(6, np.float32), 2, LINEAR))
+    for row in (0, 1):
+        np.testing.assert_allclose(merged.group_attributions[row],
+                                   sum(single.group_attributions[k] for k in np.flatnonzero(rows == row)),
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_completeness_comes_first_when_map_splits_break_it_at_the_cap():
@@ -937,6 +1039,22 @@ def test_chunk_results_are_folded_in_order_and_few_wait_in_memory():
     model._run_chunks(run, list(range(20)), fold)
     assert state["folded"] == list(range(20))
     assert state["most_waiting"] <= 4  # 2 lanes x 2 rounds; run all first and it would be 19
+
+
+def test_a_call_does_not_wait_for_helper_streams_another_request_holds(exported_model_dir, images):
+    """When another request holds the model's helper threads, a call runs all its chunks in its
+    own thread and returns: it does not wait for the pool to finish the other request's work."""
+    model = load_explainable_model(exported_model_dir, batch_size=8, streams=2)
+    x, b, classes = _paths(model, images)
+    release = threading.Event()
+    busy = model._helper_pool().submit(release.wait, 20)  # the pool's one thread, held
+    try:
+        out = IntegratedGradients().GetMask(x, b, classes, model, step_count=9)
+        assert not busy.done()  # returned while the other work still runs
+        assert np.isfinite(out.attributions).all()
+    finally:
+        release.set()
+        busy.result()
 
 
 def test_a_chunk_that_fails_in_a_helper_stream_fails_the_call_and_the_others_stop(exported_model_dir, images):
