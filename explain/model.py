@@ -49,8 +49,8 @@ from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FI
 log = logging.getLogger(__name__)
 
 #: Path nodes in flight per call (shared by its :data:`STREAM_CANDIDATES` streams), tried when a
-#: model is loaded (:func:`calibrate_batch_size`): the fastest per node is kept, because the best
-#: size is the machine's. Measured in one stream: MobileNetV2 1.0 @ 192, ms per
+#: model is loaded (:func:`calibrate_batch_size`): the fastest per node is kept when it clearly
+#: beats :data:`DEFAULT_BATCH_SIZE`, because the best size is the machine's. Measured in one stream: MobileNetV2 1.0 @ 192, ms per
 #: node, 2 cores: on one host 57 alone, 43 in 4s, 41 in 8s, 48 in 16s, 58 in 32s (past 8 the
 #: activations no longer fit its caches); on another 32 alone, 20 in 4s, 17.6 in 8s, 15.4 in 16s,
 #: 14.6 in 32s, and through the folded graph (:mod:`explain.folding`) 19 alone, 10.7 in 4s, 8.8 in
@@ -63,8 +63,12 @@ BATCH_SIZE_CANDIDATES = (4, 8, 16)
 STREAM_CANDIDATES = (1, 2)
 #: Nodes of the round the streams are timed on (a typical round of the default request).
 STREAM_ROUND = 4
-#: Chunk size when calibration is skipped (``load_explainable_model(batch_size=...)`` given).
+#: Chunk size when calibration is skipped (``load_explainable_model(batch_size=...)`` given), and
+#: the one calibration keeps unless another candidate is faster by more than :data:`CALIBRATION_MARGIN`.
 DEFAULT_BATCH_SIZE = 8
+#: How much faster per node (a fraction) another chunk size must measure at load to replace
+#: :data:`DEFAULT_BATCH_SIZE`: on a shared 2-core VM a calibration's readings move by a few percent.
+CALIBRATION_MARGIN = 0.05
 #: Images per forward-only call (no gradients: activations are freed layer by layer).
 PREDICT_BATCH_SIZE = 64
 #: Bytes of baseline gradients kept across calls (least recently used first out): MobileNetV2 @ 192
@@ -488,16 +492,29 @@ def calibrate_streams(model: ExplainableModel, candidates: tuple[int, ...] = STR
 
 def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = BATCH_SIZE_CANDIDATES,
                          repeats: int = 3) -> dict[int, float]:
-    """Seconds per node of the linear path kernel at each candidate number of nodes in flight
-    (the best of ``repeats`` timed rounds, the candidates in turn: :func:`_round_seconds`; on a
-    mid-grey image, in the model's ``streams``), and set the model's ``batch_size`` to the
-    fastest. Once per load: about 1 s for MobileNetV2 1.0 @ 192 on this project's current 2-core host.
-    The chunking changes results only in float32 rounding (as the make-up of a request's rounds
-    already does)."""
+    """Seconds per node of the linear path kernel at each candidate number of nodes in flight, on
+    the same round of ``max(candidates)`` nodes (the best of ``repeats`` timed rounds, the
+    candidates in turn: :func:`_round_seconds`; on a mid-grey image, in the model's ``streams``),
+    and set the model's ``batch_size``: :data:`DEFAULT_BATCH_SIZE` unless another candidate is
+    faster per node by more than :data:`CALIBRATION_MARGIN`. Once per load: about 1.7 s for
+    MobileNetV2 1.0 @ 192 on this project's current 2-core host. The chunking changes results
+    only in float32 rounding (as the make-up of a request's rounds already does).
+
+    Why one round for all: the candidates differ only on rounds larger than the smallest of them
+    (smaller rounds are cut alike), and a large round is where a small chunk size loses. Timing
+    each candidate on a round of its own size (4 nodes at 4, 8 at 8 ...) rated them within a few
+    percent, and a server loaded that way chose 4 (9.5 against 10.4 ms per node at 8): its default
+    ``:explain`` then took 431 against 409 ms, and the bench's 12 default requests take 12% longer
+    at 4 than at 8 (MobileNetV2 1.0 @ 192). On one round of 16, 4 reads 5-14% slower than 8 in
+    six calibrations of one process; 8 and 16 stay within 1-3%, inside the margin."""
     image = np.full((1, *model.image_shape), 0.5, np.float32)
-    settings = {n: dict(nodes=n, batch_size=n, streams=model.streams) for n in candidates}
-    per_node = {n: seconds / n for n, seconds in _round_seconds(model, image, settings, repeats).items()}
-    model.batch_size = min(per_node, key=per_node.get)
+    nodes = max(candidates)
+    settings = {n: dict(nodes=nodes, batch_size=n, streams=model.streams) for n in candidates}
+    per_node = {n: seconds / nodes for n, seconds in _round_seconds(model, image, settings, repeats).items()}
+    fastest = min(per_node, key=per_node.get)
+    default = per_node.get(DEFAULT_BATCH_SIZE)
+    model.batch_size = fastest if default is None or per_node[fastest] < default / (1 + CALIBRATION_MARGIN) \
+        else DEFAULT_BATCH_SIZE
     model.batch_seconds = per_node
     return per_node
 

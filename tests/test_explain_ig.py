@@ -970,13 +970,36 @@ def test_calibration_times_the_candidates_in_turn(exported_model_dir, monkeypatc
 
     monkeypatch.setattr(ExplainableModel, "_run_chunks", recorded)
     per_node = calibrate_batch_size(model, repeats=3)
-    assert timed == [(n, 1, n) for n in BATCH_SIZE_CANDIDATES] * 4
-    assert model.batch_size == min(per_node, key=per_node.get) and model.streams == 1
+    # every candidate on the same round, the largest candidate's: they differ only on large rounds
+    assert timed == [(n, 1, max(BATCH_SIZE_CANDIDATES)) for n in BATCH_SIZE_CANDIDATES] * 4
+    assert model.batch_size in per_node and model.streams == 1
     timed.clear()
     chosen = model.batch_size
     calibrate_streams(model, candidates=(1, 2), repeats=2)
     assert [streams for _, streams, _ in timed] == ([s for s in (1, 2) if s <= _cores()] or [1]) * 3
     assert model.batch_size == chosen
+
+
+def test_calibration_keeps_the_default_chunk_size_unless_another_is_clearly_faster(exported_model_dir, monkeypatch):
+    """A reading within the host's noise of the default does not move the chunk size off it; one
+    faster by more than the margin does, and so does the fastest when the default is not tried."""
+    import explain.model as model_module
+    from explain.model import CALIBRATION_MARGIN, DEFAULT_BATCH_SIZE, calibrate_batch_size
+
+    model = load_explainable_model(exported_model_dir, 3, streams=1)
+    readings: dict[int, float] = {}
+    monkeypatch.setattr(model_module, "_round_seconds", lambda m, image, settings, repeats: {
+        n: readings[n] * setting["nodes"] for n, setting in settings.items()})
+    near = 1 / (1 + CALIBRATION_MARGIN / 2)
+    readings.update({4: near, DEFAULT_BATCH_SIZE: 1.0, 16: 1.01})
+    calibrate_batch_size(model, candidates=(4, DEFAULT_BATCH_SIZE, 16))
+    assert model.batch_size == DEFAULT_BATCH_SIZE and model.batch_seconds[4] == pytest.approx(near)
+    readings[16] = 1 / (1 + 2 * CALIBRATION_MARGIN)
+    calibrate_batch_size(model, candidates=(4, DEFAULT_BATCH_SIZE, 16))
+    assert model.batch_size == 16
+    readings[16] = 1.01
+    calibrate_batch_size(model, candidates=(4, 16))  # the default not tried: the fastest, by any margin
+    assert model.batch_size == 4 and set(model.batch_seconds) == {4, 16}
 
 
 def test_a_calls_chunks_run_at_once_one_per_stream_and_add_up_in_order(exported_model_dir, images):
