@@ -471,7 +471,8 @@ class IntegratedGradients:
             residual *= residual
             squares[r] += residual
 
-        scratch: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # by half, and the features' size and dtype
+        # reused buffers, by half, and the features' size and dtype
+        scratch: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
         def split_panels(splits: list[tuple[int, float]]) -> None:
             """Move the map bookkeeping of each panel a round split onto its halves: ``(r, left)``

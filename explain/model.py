@@ -50,12 +50,13 @@ log = logging.getLogger(__name__)
 
 #: Path nodes in flight per call (shared by its :data:`STREAM_CANDIDATES` streams), tried when a
 #: model is loaded (:func:`calibrate_batch_size`): the fastest per node is kept when it clearly
-#: beats :data:`DEFAULT_BATCH_SIZE`, because the best size is the machine's. Measured in one stream: MobileNetV2 1.0 @ 192, ms per
-#: node, 2 cores: on one host 57 alone, 43 in 4s, 41 in 8s, 48 in 16s, 58 in 32s (past 8 the
-#: activations no longer fit its caches); on another 32 alone, 20 in 4s, 17.6 in 8s, 15.4 in 16s,
-#: 14.6 in 32s, and through the folded graph (:mod:`explain.folding`) 19 alone, 10.7 in 4s, 8.8 in
-#: 8s, 9.0 in 16s. Not past 16: a call holds about 40 MB of activations per node (770 MB at 16,
-#: 1.4 GB at 32), per concurrent request. ``make bench`` prints the whole curve for its machine.
+#: beats :data:`DEFAULT_BATCH_SIZE`, because the best size is the machine's. Measured in one stream:
+#: MobileNetV2 1.0 @ 192, ms per node, 2 cores: on one host 57 alone, 43 in 4s, 41 in 8s, 48 in 16s,
+#: 58 in 32s (past 8 the activations no longer fit its caches); on another 32 alone, 20 in 4s, 17.6
+#: in 8s, 15.4 in 16s, 14.6 in 32s, and through the folded graph (:mod:`explain.folding`) 19 alone,
+#: 10.7 in 4s, 8.8 in 8s, 9.0 in 16s. Not past 16: a call holds about 40 MB of activations per node
+#: (770 MB at 16, 1.4 GB at 32), per concurrent request. ``make bench`` prints the whole curve for
+#: its machine.
 BATCH_SIZE_CANDIDATES = (4, 8, 16)
 #: Chunks of one call run at once, tried when a model is loaded (:func:`calibrate_streams`), up to
 #: the cores the process may use: the adaptive mode's rounds are small, and on 2 cores one chunk
@@ -504,7 +505,7 @@ def calibrate_batch_size(model: ExplainableModel, candidates: tuple[int, ...] = 
     (smaller rounds are cut alike), and a large round is where a small chunk size loses. Timing
     each candidate on a round of its own size (4 nodes at 4, 8 at 8 ...) rated them within a few
     percent, and a server loaded that way chose 4 (9.5 against 10.4 ms per node at 8): its default
-    ``:explain`` then took 431 against 409 ms, and the bench's 12 default requests take 12% longer
+    ``:explain`` then took 431 ms against 409 for a server at 8, and the bench's 12 default requests take 12% longer
     at 4 than at 8 (MobileNetV2 1.0 @ 192). On one round of 16, 4 reads 5-14% slower than 8 in
     six calibrations of one process; 8 and 16 stay within 1-3%, inside the margin."""
     image = np.full((1, *model.image_shape), 0.5, np.float32)
