@@ -935,9 +935,10 @@ def test_the_baseline_gradient_cache_is_bounded(exported_model_dir, images):
 
 def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_model_dir, images):
     """Loading measures the number of chunks run at once and then the path kernel at every
-    candidate chunk size, and keeps the fastest per node (the best of both is the machine's);
+    candidate chunk size, and keeps the fastest per node where it clearly beats the default (the
+    best of both is the machine's);
     given values are used as they are, and neither changes an attribution."""
-    from explain.model import BATCH_SIZE_CANDIDATES, STREAM_CANDIDATES, _cores
+    from explain.model import BATCH_SIZE_CANDIDATES, CALIBRATION_MARGIN, DEFAULT_BATCH_SIZE, STREAM_CANDIDATES, _cores
 
     measured = load_explainable_model(exported_model_dir)
     given = load_explainable_model(exported_model_dir, 3, streams=1)
@@ -945,7 +946,10 @@ def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_m
     assert measured.streams == min(measured.stream_seconds, key=measured.stream_seconds.get)
     assert set(measured.batch_seconds) == set(BATCH_SIZE_CANDIDATES)
     assert all(s > 0 for s in [*measured.batch_seconds.values(), *measured.stream_seconds.values()])
-    assert measured.batch_size == min(measured.batch_seconds, key=measured.batch_seconds.get)
+    seconds = measured.batch_seconds  # the fastest, where it beats the default by the margin
+    fastest = min(seconds, key=seconds.get)
+    assert measured.batch_size == (fastest if seconds[fastest] < seconds[DEFAULT_BATCH_SIZE] / (1 + CALIBRATION_MARGIN)
+                                   else DEFAULT_BATCH_SIZE)
     assert (given.batch_size, given.streams) == (3, 1) and not given.batch_seconds and not given.stream_seconds
     x, b, classes = _paths(measured, images)
     a, c = (IntegratedGradients().GetMask(x, b, classes, m, step_count=20) for m in (measured, given))
