@@ -585,4 +585,12 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
         calibrate_streams(model)
     if batch_size is None:
         calibrate_batch_size(model)
+
+    def measured(seconds: dict[int, float]) -> str:
+        return ", ".join(f"{k}: {v * 1000:.1f}" for k, v in seconds.items()) or "given"
+
+    # what the load chose and from what, in the server's log: a request's speed depends on it
+    log.info("%s: path gradients %s, %d path points in flight in %d stream(s) (ms per point by points in "
+             "flight: %s; by streams: %s)", model_dir, "with batch norms folded" if model.folded else "as exported",
+             model.batch_size, model.streams, measured(model.batch_seconds), measured(model.stream_seconds))
     return model

@@ -933,13 +933,14 @@ def test_the_baseline_gradient_cache_is_bounded(exported_model_dir, images):
         assert model.evaluations - before == spent
 
 
-def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_model_dir, images):
+def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_model_dir, images, caplog):
     """Loading measures the number of chunks run at once and then the path kernel at every
     candidate chunk size, and keeps the fastest per node where it clearly beats the default (the
     best of both is the machine's);
     given values are used as they are, and neither changes an attribution."""
     from explain.model import BATCH_SIZE_CANDIDATES, CALIBRATION_MARGIN, DEFAULT_BATCH_SIZE, STREAM_CANDIDATES, _cores
 
+    caplog.set_level("INFO", logger="explain.model")
     measured = load_explainable_model(exported_model_dir)
     given = load_explainable_model(exported_model_dir, 3, streams=1)
     assert set(measured.stream_seconds) == ({s for s in STREAM_CANDIDATES if s <= _cores()} or {1})
@@ -951,6 +952,11 @@ def test_the_chunk_size_and_streams_are_measured_on_load_unless_given(exported_m
     assert measured.batch_size == (fastest if seconds[fastest] < seconds[DEFAULT_BATCH_SIZE] / (1 + CALIBRATION_MARGIN)
                                    else DEFAULT_BATCH_SIZE)
     assert (given.batch_size, given.streams) == (3, 1) and not given.batch_seconds and not given.stream_seconds
+    # the server's log says what the load chose, and what it measured
+    assert f"{measured.batch_size} path points in flight in {measured.streams} stream(s)" in caplog.text
+    assert f"ms per point by points in flight: 4: {measured.batch_seconds[4] * 1000:.1f}" in caplog.text
+    assert "3 path points in flight in 1 stream(s) (ms per point by points in flight: given; by streams: given)" \
+        in caplog.text
     x, b, classes = _paths(measured, images)
     a, c = (IntegratedGradients().GetMask(x, b, classes, m, step_count=20) for m in (measured, given))
     np.testing.assert_allclose(a.attributions, c.attributions, rtol=1e-5, atol=1e-9)
