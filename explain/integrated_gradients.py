@@ -16,12 +16,13 @@ so the steps go where the model's output changes fast along the path.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 
+from explain.lanes import run_in_lanes
 from explain.paths import LINEAR
 from explain.quadrature import DEFAULT_QUADRATURE, quadrature_rule
 
@@ -264,32 +265,11 @@ def _in_halves(work: Callable[[int], T], size: int) -> tuple[T, T]:
     in its array loops, so the halves run on two cores, where between a request's rounds the
     model's passes leave both idle. When the helper is busy (another request's bookkeeping), or
     the arrays are small, the calling thread runs both; the halves are the same either way, so
-    the results do not depend on who ran them. The helper is waited for before anything is raised
-    or returned: it writes into the caller's arrays."""
-    results: list = [None, None]
-    upcoming = iter(range(2))  # next() on a range iterator is atomic under the GIL
-
-    def lane() -> None:
-        for k in upcoming:
-            results[k] = work(k)
-
-    helper = None
-    if size >= HALVES_MIN_SIZE:
-        try:
-            helper = _HELPER.submit(lane)
-        except RuntimeError:  # the interpreter is shutting down: the caller runs both
-            pass
-    try:
-        lane()
-    finally:
-        # not started yet: the caller ran both, and a cancelled future is not waited for (wait()
-        # would block until the helper is done with whatever it is running)
-        started = helper is not None and not helper.cancel()
-        if started:
-            wait([helper])
-    if started:
-        helper.result()  # its error, if it had one
-    return results[0], results[1]
+    the results do not depend on who ran them (:func:`explain.lanes.run_in_lanes`, which waits for
+    the helper before anything is raised or returned: it writes into the caller's arrays)."""
+    halves: list = [None, None]
+    run_in_lanes(work, [0, 1], halves.__setitem__, 2 if size >= HALVES_MIN_SIZE else 1, lambda: _HELPER)
+    return halves[0], halves[1]
 
 
 def _group_gaps(f_x: np.ndarray, f_b: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import posixpath
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,6 +41,7 @@ import threadpoolctl
 
 from explain.folding import FoldedFunction, fold_batch_norms
 from explain.integrated_gradients import GroupSums, PathBatch, PathResult
+from explain.lanes import run_in_lanes
 from explain.paths import LINEAR, SCALE_SPACE, frequency_squared
 from trainer.export import read_explanation_metadata, read_labels
 from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
@@ -236,61 +237,15 @@ class ExplainableModel:
     def _run_chunks(self, run: Callable[[np.ndarray], Any], parts: list[np.ndarray],
                     fold: Callable[[np.ndarray, Any], None]) -> None:
         """``fold(part, run(part))`` for every part, in order, with the runs up to ``streams`` at
-        once: the caller's thread and helpers from the model's pool each take the next chunk
-        until none is left, and each result is folded (under a lock, in the parts' order, so the
-        sums are the same on every call) as soon as those before it are. A lane does not start
-        a chunk more than two rounds of lanes ahead of the fold, so the results waiting in memory
-        stay bounded however many chunks a call has.
+        once (:func:`explain.lanes.run_in_lanes`: the caller's thread and helpers from the model's
+        pool, so the sums are the same on every call and a request never waits on the pool alone).
 
         A pass over one path point keeps about one core busy on MobileNetV2 1.0 @ 192 (oneDNN
         splits little of its work at batch 1: 17.3 ms alone on 1 thread or 2), so the small
         rounds of the adaptive mode left the second core idle. Measured on 2 cores, ms per
         round: 1+1 nodes at once 22-23 against 27.5-29 for 2 in one call, 2+2 36.5-38 against
-        43-44, 3+3 53-56 against 58-61, 8+8 134-146 against 145-149. The caller's thread is one
-        of the lanes, so a request never waits on the pool alone: when another request holds
-        the helpers, it runs its chunks itself. The first error of any lane is raised once every
-        lane has stopped; no chunk starts after it."""
-        lanes = min(self._lanes(), len(parts))
-        upcoming = iter(range(len(parts)))  # next() on a range iterator is atomic under the GIL
-        state = threading.Condition()
-        waiting: dict[int, Any] = {}  # results run, not yet folded
-        folded = 0
-        failures: list[BaseException] = []
-
-        def lane() -> None:
-            nonlocal folded
-            for i in upcoming:
-                with state:
-                    state.wait_for(lambda: failures or i < folded + 2 * lanes)
-                    if failures:
-                        return
-                try:
-                    result = run(parts[i])
-                    with state:
-                        waiting[i] = result
-                        while folded in waiting and not failures:
-                            fold(parts[folded], waiting.pop(folded))
-                            folded += 1
-                        state.notify_all()
-                except BaseException as error:  # noqa: BLE001 - raised in the caller below
-                    with state:
-                        failures.append(error)
-                        state.notify_all()
-                    return
-
-        helpers = []
-        for _ in range(lanes - 1):
-            try:
-                helpers.append(self._helper_pool().submit(lane))
-            except RuntimeError:  # the interpreter is shutting down: the caller runs them all
-                break
-        lane()
-        # one not started yet never will be and is not waited for (wait() would block until the
-        # pool is done with another request's lane); the others are
-        wait([future for future in helpers if not future.cancel()])
-        if failures:
-            raise failures[0]
-        assert folded == len(parts), (folded, len(parts))
+        43-44, 3+3 53-56 against 58-61, 8+8 134-146 against 145-149."""
+        run_in_lanes(run, parts, fold, self._lanes(), self._helper_pool)
 
     def _helper_pool(self) -> ThreadPoolExecutor:
         with self._lock:
