@@ -1046,6 +1046,30 @@ def test_a_calls_chunks_run_at_once_one_per_stream_and_add_up_in_order(exported_
     np.testing.assert_array_equal(again.attributions, third.attributions)
 
 
+def test_a_calls_chunk_arguments_are_made_before_its_first_chunk_runs_and_its_inputs_once(
+        exported_model_dir, images, monkeypatch):
+    """Every chunk's kernel arguments are made in the caller before any chunk runs, and the paths'
+    inputs, baselines and classes become tensors once per call, not once per chunk: made in the
+    lanes, a chunk's arguments took 1.2 ms per round where alone they take 0.15 (the other
+    lane's chunk already had both cores), and no pass had started in the meantime."""
+    from explain.paths import LINEAR
+
+    model = load_explainable_model(exported_model_dir, batch_size=2, streams=2)
+    kernel, made, calls = model._kernel(LINEAR), [], []
+    constant = tf.constant
+    monkeypatch.setattr(tf, "constant", lambda *a, **k: made.append(len(calls)) or constant(*a, **k))
+
+    def recording(*args):
+        calls.append(args)
+        return kernel(*args)
+
+    model._kernels[LINEAR] = recording
+    x, b, classes = _paths(model, images[:1])
+    IntegratedGradients().GetMask(x, b, classes, model, step_count=12, quadrature="riemann_trapezoid")
+    assert len(calls) == 12 and set(made) == {0}  # 12 nodes in chunks of one: all made before the first ran
+    assert len({tuple(id(t) for t in args[:3]) for args in calls}) == 1  # the path's tensors, made once
+
+
 def test_chunk_results_are_folded_in_order_and_few_wait_in_memory():
     """Results are folded in the chunks' order whichever lane ran them, as soon as those before
     them are: while the caller's first chunk is slow, the helper runs at most two rounds of lanes
