@@ -101,6 +101,11 @@ class GroupSums:
         else:
             self._sums[group], self._owned[group] = total + array, True
 
+    def add_each(self, groups: Sequence[int], arrays: Sequence[np.ndarray]) -> None:
+        """:meth:`add` ``arrays[k]`` to ``groups[k]``, for a piece's sums and the groups they belong to."""
+        for group, array in zip(groups, arrays):
+            self.add(int(group), array)
+
     def arrays(self) -> list[np.ndarray]:
         """The G sums (zeros for a group nothing was added to)."""
         return [np.zeros(self._shape, np.float32) if total is None else total for total in self._sums]

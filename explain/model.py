@@ -211,8 +211,7 @@ class ExplainableModel:
             part, group_ids = chunk[:2]
             sums, d, f, raw = result
             derivatives[part], outputs[part] = d, f
-            for group, total in zip(group_ids.tolist(), sums):
-                groups.add(group, total)
+            groups.add_each(group_ids, sums)
             raw_grads.extend(raw)
             raw_outputs.extend(f[:len(raw)])
 

@@ -107,8 +107,7 @@ class CancellableModel:
                 node_rows=batch.node_rows[lo:hi], node_groups=local_groups.astype(np.int32),
                 alphas=batch.alphas[lo:hi], weights=batch.weights[lo:hi], num_groups=len(group_ids),
                 path=batch.path, max_blur_sigma=batch.max_blur_sigma))
-            for group, total in zip(group_ids.tolist(), part.group_attributions):
-                groups.add(group, total)
+            groups.add_each(group_ids, part.group_attributions)
             derivatives[lo:hi], outputs[lo:hi] = part.node_derivatives, part.node_outputs
         self._token.check()
         return PathResult(groups.arrays(), derivatives, outputs)
