@@ -104,7 +104,7 @@ class SignatureModel:
             self._folded = folded.function
         spec = tf.TensorSpec([None, *self._fn.structured_input_signature[1][CONCRETE_INPUT].shape[1:]], tf.float32)
 
-        @tf.function(input_signature=[spec, tf.TensorSpec([], tf.int32)])
+        @tf.function(input_signature=[spec, tf.TensorSpec([], tf.int32)], autograph=False)
         def gradients(images, class_index):
             with tf.GradientTape() as tape:
                 tape.watch(images)
@@ -113,6 +113,9 @@ class SignatureModel:
 
         self._gradients = gradients
 
+    # not converted when a ``tf.function`` calls it (the tutorial's): in one pytest process autograph
+    # once took this method for ``gradients`` above, and passed the object itself as the images
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
         """Probabilities ``[N, C]`` (the graph function, usable inside ``tf.function``)."""
         if self._folded is not None:
