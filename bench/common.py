@@ -112,6 +112,7 @@ class SignatureModel:
             return tape.gradient(target, images)
 
         self._gradients = gradients
+        self._in_sessions = None
 
     # not converted when a ``tf.function`` calls it (the tutorial's): in one pytest process autograph
     # once took this method for ``gradients`` above, and passed the object itself as the images
@@ -125,8 +126,17 @@ class SignatureModel:
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self(tf.constant(np.asarray(images, np.float32))).numpy()
 
-    def gradients(self, images: np.ndarray, class_index: int) -> np.ndarray:
-        return self._gradients(tf.constant(np.asarray(images, np.float32)), tf.constant(class_index, tf.int32)).numpy()
+    def gradients(self, images: np.ndarray, class_index: int, threads: int | None = None) -> np.ndarray:
+        """Gradients of class ``class_index``'s probability at ``images``: called eagerly, or with
+        ``threads`` in a session of that many threads (:mod:`explain.sessions`), as ours' lanes run."""
+        if threads is None:
+            return self._gradients(tf.constant(np.asarray(images, np.float32)),
+                                   tf.constant(class_index, tf.int32)).numpy()
+        if self._in_sessions is None:
+            from explain.sessions import SessionFunction
+
+            self._in_sessions = SessionFunction(self._gradients.get_concrete_function())
+        return self._in_sessions(np.asarray(images, np.float32), np.int32(class_index), threads=threads)[0]
 
     def saliency_call(self) -> Callable:
         """A ``saliency.core`` ``call_model_function`` giving input gradients of one class."""

@@ -60,11 +60,11 @@ def _kernel_outputs(model, images):
     """Gradients of class 0 at ``images`` and the outputs, through the model's path kernel."""
     n = len(images)
     kernel = model._kernel("linear")
+    rows = np.arange(n, dtype=np.int32)
     sums, derivatives, values, raw = kernel(
-        tf.constant(images), tf.constant(np.zeros_like(images)), tf.zeros([n], tf.int32),
-        tf.range(n, dtype=tf.int32), tf.range(n, dtype=tf.int32), tf.ones([n]), tf.ones([n]),
-        tf.constant(n, tf.int32), tf.constant(0.0), tf.constant(n, tf.int32))
-    return raw.numpy(), values.numpy()
+        images, np.zeros_like(images), np.zeros(n, np.int32), rows, rows, np.ones(n, np.float32),
+        np.ones(n, np.float32), np.int32(n), np.float32(0.0), np.int32(n), threads=1)
+    return raw, values
 
 
 def test_the_foldable_normalizations_are_folded_and_the_rest_left(normalized_model_dir):
@@ -151,6 +151,8 @@ def test_graphs_the_folded_import_cannot_differentiate_are_run_as_exported(kind,
                         tmp_path_factory, kind)
     model = load_explainable_model(model_dir, batch_size=4)
     assert model.folded is None
+    if kind == "while_loop":  # nor can its gradient be frozen into a session: it runs eagerly
+        assert model._kernel("linear").eager_because
     images = _images(2, seed=2)
     result = IntegratedGradients().GetMask(images, np.zeros_like(images), np.array([0, 1]), model, step_count=8,
                                            target_error=None)

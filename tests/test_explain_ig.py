@@ -1028,11 +1028,11 @@ def test_a_calls_chunks_run_at_once_one_per_stream_and_add_up_in_order(exported_
     kernel, both_running = two._kernel(LINEAR), threading.Barrier(2, timeout=30)
     threads: list[int] = []
 
-    def in_two_threads(*args):
+    def in_two_threads(*args, **options):
         if threading.get_ident() not in threads:
             threads.append(threading.get_ident())
             both_running.wait()  # BrokenBarrierError if the other chunk never runs at the same time
-        return kernel(*args)
+        return kernel(*args, **options)
 
     two._kernels[LINEAR] = in_two_threads
     x, b, classes = _paths(two, images)
@@ -1046,28 +1046,32 @@ def test_a_calls_chunks_run_at_once_one_per_stream_and_add_up_in_order(exported_
     np.testing.assert_array_equal(again.attributions, third.attributions)
 
 
-def test_a_calls_chunk_arguments_are_made_before_its_first_chunk_runs_and_its_inputs_once(
-        exported_model_dir, images, monkeypatch):
-    """Every chunk's kernel arguments are made in the caller before any chunk runs, and the paths'
-    inputs, baselines and classes become tensors once per call, not once per chunk: made in the
-    lanes, a chunk's arguments took 1.2 ms per round where alone they take 0.15 (the other
-    lane's chunk already had both cores), and no pass had started in the meantime."""
+def test_a_calls_chunk_arguments_are_made_before_its_first_chunk_runs_and_its_inputs_once(exported_model_dir, images):
+    """Every chunk's kernel arguments are made in the caller before any chunk runs (the lanes
+    only run the kernel), and the paths' inputs, baselines and classes are gathered once per call,
+    not once per chunk: made in the lanes, a chunk's arguments took 1.2 ms per round where alone
+    they take 0.15 (the other lane's chunk already had both cores), and no pass had started."""
     from explain.paths import LINEAR
 
     model = load_explainable_model(exported_model_dir, batch_size=2, streams=2)
-    kernel, made, calls = model._kernel(LINEAR), [], []
-    constant = tf.constant
-    monkeypatch.setattr(tf, "constant", lambda *a, **k: made.append(len(calls)) or constant(*a, **k))
+    kernel, handed, calls = model._kernel(LINEAR), [], []
+    run_chunks = model._run_chunks
 
-    def recording(*args):
+    def recording_chunks(run, parts, fold):
+        handed.append([chunk[2] for chunk in parts])  # what the lanes are given, before any runs
+        return run_chunks(run, parts, fold)
+
+    def recording(*args, **options):
         calls.append(args)
-        return kernel(*args)
+        return kernel(*args, **options)
 
-    model._kernels[LINEAR] = recording
+    model._run_chunks, model._kernels[LINEAR] = recording_chunks, recording
     x, b, classes = _paths(model, images[:1])
     IntegratedGradients().GetMask(x, b, classes, model, step_count=12, quadrature="riemann_trapezoid")
-    assert len(calls) == 12 and set(made) == {0}  # 12 nodes in chunks of one: all made before the first ran
-    assert len({tuple(id(t) for t in args[:3]) for args in calls}) == 1  # the path's tensors, made once
+    assert len(calls) == 12 and [len(arguments) for arguments in handed] == [12]  # chunks of one node
+    assert [tuple(map(id, args)) for args in calls] == [tuple(map(id, args)) for args in handed[0]]
+    assert all(len(args) == 10 and all(isinstance(a, (np.ndarray, np.generic)) for a in args) for args in calls)
+    assert len({tuple(id(t) for t in args[:3]) for args in calls}) == 1  # the path's arrays, gathered once
 
 
 def test_chunk_results_are_folded_in_order_and_few_wait_in_memory():
@@ -1122,13 +1126,13 @@ def test_a_chunk_that_fails_in_a_helper_stream_fails_the_call_and_the_others_sto
     model = load_explainable_model(exported_model_dir, batch_size=2, streams=2)
     kernel, caller, calls, failed = model._kernel(LINEAR), threading.get_ident(), [], threading.Event()
 
-    def failing_elsewhere(*args):
+    def failing_elsewhere(*args, threads):
         calls.append(threading.get_ident())
         if threading.get_ident() != caller:
             failed.set()
             raise RuntimeError("out of memory in a helper")
         failed.wait(timeout=30)  # the helper's error is known before the caller's next chunk
-        return kernel(*args)
+        return kernel(*args, threads=threads)
 
     model._kernels[LINEAR] = failing_elsewhere
     x, b, classes = _paths(model, images)
