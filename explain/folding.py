@@ -30,6 +30,8 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 from tensorflow.python.framework import convert_to_constants
 
+from trainer.tf_logging import native_noise_filtered
+
 log = logging.getLogger(__name__)
 
 _NORMS = ("FusedBatchNorm", "FusedBatchNormV3")
@@ -188,12 +190,13 @@ def _frozen_graph_def(signature) -> graph_pb2.GraphDef:
     ``convert_variables_to_constants_v2`` also builds a concrete function of the result, which
     takes 2.5 of its 2.8 s on MobileNetV2 and is not used here: the GraphDef is taken before that
     step (the same two calls it makes), or from the public function if a TensorFlow lacks them."""
-    try:
-        data = convert_to_constants._FunctionConverterDataInEager(func=signature, lower_control_flow=True,
-                                                                  aggressive_inlining=False)
-        return convert_to_constants._replace_variables_by_constants(converter_data=data)[0]
-    except AttributeError:  # pragma: no cover - another TensorFlow's internals
-        return convert_to_constants.convert_variables_to_constants_v2(signature).graph.as_graph_def()
+    with native_noise_filtered():  # grappler's start-up lines
+        try:
+            data = convert_to_constants._FunctionConverterDataInEager(func=signature, lower_control_flow=True,
+                                                                      aggressive_inlining=False)
+            return convert_to_constants._replace_variables_by_constants(converter_data=data)[0]
+        except AttributeError:  # pragma: no cover - another TensorFlow's internals
+            return convert_to_constants.convert_variables_to_constants_v2(signature).graph.as_graph_def()
 
 
 def fold_graph_def(graph_def: graph_pb2.GraphDef) -> tuple[list[tuple[str, str]], int]:

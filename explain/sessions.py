@@ -34,6 +34,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+from trainer.tf_logging import native_noise_filtered
+
 log = logging.getLogger(__name__)
 
 #: What names the intra-op pools as each device's own rather than one for the process.
@@ -58,7 +60,8 @@ class SessionFunction:
         #: why the function runs eagerly instead (its graph cannot be frozen and run in a session)
         self.eager_because: str | None = None
         try:
-            frozen = convert_variables_to_constants_v2(function)
+            with native_noise_filtered():
+                frozen = convert_variables_to_constants_v2(function)
             self.graph = tf.Graph()
             with self.graph.as_default():
                 tf.graph_util.import_graph_def(frozen.graph.as_graph_def(), name="")
@@ -78,9 +81,13 @@ class SessionFunction:
         if self.eager_because is not None:
             return tuple(t.numpy() for t in self._function(*map(tf.constant, arguments)))
         threads = max(1, threads)
-        run = self._acquire(threads)
+        run, new = self._acquire(threads)
         try:
-            outputs = run(*arguments)
+            if new:  # its first run prints native start-up lines
+                with native_noise_filtered():
+                    outputs = run(*arguments)
+            else:
+                outputs = run(*arguments)
         finally:
             self._free[threads].put(run)
         for output in outputs:  # read-only, as an eager call's are: kept uncopied, never written into
@@ -94,10 +101,11 @@ class SessionFunction:
         if self.eager_because is not None:
             return
         threads = max(1, threads)
-        runs = [self._acquire(threads) for _ in range(max(1, cores() // threads))]
+        runs = [self._acquire(threads)[0] for _ in range(max(1, cores() // threads))]
         try:
-            for run in runs:
-                run(*arguments)
+            with native_noise_filtered():
+                for run in runs:
+                    run(*arguments)
         except Exception as error:  # noqa: BLE001 - the graph imports but does not run in a session
             self._run_eagerly(error)
             self(*arguments, threads=threads)  # and eagerly it runs, or the load fails here
@@ -105,12 +113,14 @@ class SessionFunction:
             for run in runs:
                 self._free[threads].put(run)
 
-    def _acquire(self, threads: int) -> Callable[..., list[np.ndarray]]:
+    def _acquire(self, threads: int) -> tuple[Callable[..., list[np.ndarray]], bool]:
+        """A free session's callable (made if fewer than ``cores() // threads`` exist, else waited
+        for), and whether it was just made."""
         with self._lock:
             free = self._free.setdefault(threads, queue.SimpleQueue())
             made = self._sessions.setdefault(threads, [])
             try:
-                return free.get_nowait()
+                return free.get_nowait(), False
             except queue.Empty:
                 if len(made) < max(1, cores() // threads):
                     # its own threads: one inter-op thread dispatches the ops, ``threads`` run them
@@ -118,5 +128,5 @@ class SessionFunction:
                                                       inter_op_parallelism_threads=1, use_per_session_threads=True)
                     session = tf.compat.v1.Session(graph=self.graph, config=config)
                     made.append(session)
-                    return session.make_callable(self._fetches, feed_list=self._feeds)
-        return free.get()  # every session of this size is in a pass: the next one freed
+                    return session.make_callable(self._fetches, feed_list=self._feeds), True
+        return free.get(), False  # every session of this size is in a pass: the next one freed

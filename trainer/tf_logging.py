@@ -11,19 +11,24 @@ noise are written back. Set ``TF_CPP_MIN_LOG_LEVEL`` yourself (e.g. ``0``) to se
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import os
 import re
 import sys
 import tempfile
+from typing import Iterator
 
 #: Start-up lines that say nothing actionable on a CPU machine.
 NOISE = re.compile(
     r"Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
     r"All log messages before absl::InitializeLog\(\) is called|failed call to cuInit|"
     r"oneDNN custom operations are on|This TensorFlow binary is optimized to use available CPU|"
-    r"To enable the following instructions|Could not find cuda drivers|TF-TRT Warning")
+    r"To enable the following instructions|Could not find cuda drivers|TF-TRT Warning|"
+    # written at INFO, before absl's logging is set up, whenever a graph is frozen or a session
+    # first runs (explain.folding, explain.sessions): the level does not reach them
+    r"Number of eligible GPUs|single_machine\.cc.*Starting new session|MLIR V1 optimization pass is not enabled")
 
 
 _MARKER = "FLOWERS_QUIET_TF_LEVEL"
@@ -44,20 +49,40 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with tempfile.TemporaryFile(mode="w+b") as capture:
-            os.dup2(capture.fileno(), 2)
-            try:
-                self._loader.exec_module(module)
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                os.close(saved)
-                capture.seek(0)
-                kept = filter_noise(capture.read().decode("utf-8", "replace"))
-                if kept:
-                    sys.stderr.write(kept)
+        with _filtered_fd2():
+            self._loader.exec_module(module)
+
+
+@contextlib.contextmanager
+def _filtered_fd2() -> Iterator[None]:
+    """File descriptor 2 captured while the block runs, then what is not noise written back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = filter_noise(capture.read().decode("utf-8", "replace"))
+            if kept:
+                sys.stderr.write(kept)
+
+
+@contextlib.contextmanager
+def native_noise_filtered() -> Iterator[None]:
+    """The known native noise of the block (:data:`NOISE`) kept off the console, when the log
+    level is ours (:func:`quiet_tensorflow`); a level the user set shows everything. Everything
+    else the block writes to fd 2, from any thread, is written back when it ends."""
+    ours = os.environ.get(_MARKER)
+    if ours is None or os.environ.get("TF_CPP_MIN_LOG_LEVEL") != ours:
+        yield
+        return
+    with _filtered_fd2():
+        yield
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):
