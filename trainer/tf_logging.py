@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from typing import Iterator
 
 #: Start-up lines that say nothing actionable on a CPU machine.
@@ -53,23 +54,39 @@ class _QuietLoader(importlib.abc.Loader):
             self._loader.exec_module(module)
 
 
+#: One capture of fd 2 for the process, however many threads are in a filtered block: each
+#: saving and restoring fd 2 on its own, a thread that entered during another's capture saved
+#: that capture's file as the console, and restored fd 2 to it (deleted) for good.
+_capture_lock = threading.Lock()
+_capture: dict = {"holders": 0, "saved": None, "file": None}
+
+
 @contextlib.contextmanager
 def _filtered_fd2() -> Iterator[None]:
-    """File descriptor 2 captured while the block runs, then what is not noise written back."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
+    """File descriptor 2 captured while the block runs, then what is not noise written back: the
+    first thread in captures, the last one out restores fd 2 and writes back what all wrote."""
+    with _capture_lock:
+        if not _capture["holders"]:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = filter_noise(capture.read().decode("utf-8", "replace"))
-            if kept:
-                sys.stderr.write(kept)
+            _capture["file"] = tempfile.TemporaryFile(mode="w+b")
+            _capture["saved"] = os.dup(2)
+            os.dup2(_capture["file"].fileno(), 2)
+        _capture["holders"] += 1
+    try:
+        yield
+    finally:
+        with _capture_lock:
+            _capture["holders"] -= 1
+            if not _capture["holders"]:
+                sys.stderr.flush()
+                os.dup2(_capture["saved"], 2)
+                os.close(_capture["saved"])
+                with _capture["file"] as capture:
+                    capture.seek(0)
+                    kept = filter_noise(capture.read().decode("utf-8", "replace"))
+                if kept:
+                    sys.stderr.write(kept)
+                    sys.stderr.flush()
 
 
 @contextlib.contextmanager
