@@ -565,8 +565,9 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
     if batch_size is None:
         calibrate_batch_size(model)
     # every session the requests' chunks will run in, made and run once (calibrated or not)
-    model._kernel(LINEAR).prepare(*_interior_nodes(np.full((1, *model.image_shape), 0.5, np.float32), 1),
-                                  threads=model._threads())
+    kernel = model._kernel(LINEAR)
+    kernel.prepare(*_interior_nodes(np.full((1, *model.image_shape), 0.5, np.float32), 1), threads=model._threads())
+    kernel.close_other_sizes(model._threads())  # the calibration's others
 
     def measured(seconds: dict[int, float]) -> str:
         return ", ".join(f"{k}: {v * 1000:.1f}" for k, v in seconds.items()) or "given"

@@ -17,7 +17,9 @@ single pass of the process are not cut down to a share.
 
 A function is frozen (its variables made constants) into one graph, and the graph is run by up to
 ``cores // threads`` sessions per thread count, made when first needed: a call takes a free one or
-waits for one, so the passes in flight in the process never ask for more threads than it has cores.
+waits for one, so one function's passes of one size never ask for more threads than the process has
+cores. Several functions at once (two model versions, a blurred path's kernel beside the linear
+one's) each have their own, as eager calls from as many threads shared one pool before.
 """
 
 from __future__ import annotations
@@ -75,43 +77,66 @@ class SessionFunction:
         log.warning("the explanation kernel runs eagerly, on the process's shared threads, because its graph "
                     "cannot run in a session of its own (%s)", self.eager_because)
 
+    def _eager(self, arguments: tuple) -> list[np.ndarray]:
+        return [t.numpy() for t in self._function(*map(tf.constant, arguments))]
+
     def __call__(self, *arguments: np.ndarray, threads: int) -> tuple[np.ndarray, ...]:
         """The function's outputs on ``arguments``, in a session of ``threads`` intra-op threads
-        (waiting for one while ``cores() // threads`` of them are in a pass)."""
+        (waiting for one while ``cores() // threads`` of them are in a pass), read-only as an
+        eager call's are (callers keep them uncopied, and never write into them)."""
         if self.eager_because is not None:
-            return tuple(t.numpy() for t in self._function(*map(tf.constant, arguments)))
-        threads = max(1, threads)
-        run, new = self._acquire(threads)
-        try:
-            if new:  # its first run prints native start-up lines
-                with native_noise_filtered():
-                    outputs = run(*arguments)
-            else:
-                outputs = run(*arguments)
-        finally:
-            self._free[threads].put(run)
-        for output in outputs:  # read-only, as an eager call's are: kept uncopied, never written into
+            outputs = self._eager(arguments)
+        else:
+            threads = max(1, threads)
+            run, new = self._acquire(threads)
+            try:
+                outputs = self._first_run(run, arguments) if new else run(*arguments)
+            finally:
+                self._free[threads].put(run)
+        outputs = [np.asarray(output) for output in outputs]  # a scalar output: a 0-d array
+        for output in outputs:
             output.flags.writeable = False
         return tuple(outputs)
+
+    def _first_run(self, run: Callable[..., list[np.ndarray]], arguments: tuple) -> list[np.ndarray]:
+        """A new session's first run (it prints native start-up lines, kept off the console). If it
+        fails where an eager call on the same arguments does not, the graph does not run in a
+        session (it froze, but not into something a session runs): the function runs eagerly from
+        then on. If the eager call fails too, the arguments are at fault, and its error is raised."""
+        try:
+            with native_noise_filtered():
+                return run(*arguments)
+        except Exception as error:  # noqa: BLE001 - told apart from the arguments' fault below
+            outputs = self._eager(arguments)
+            self._run_eagerly(error)
+            return outputs
 
     def prepare(self, *arguments: np.ndarray, threads: int) -> None:
         """Make every session of ``threads`` threads and run each once on ``arguments``: a
         session's first pass builds its executor and oneDNN's primitives (about a second on
         MobileNetV2), which a request should not pay."""
-        if self.eager_because is not None:
-            return
         threads = max(1, threads)
-        runs = [self._acquire(threads)[0] for _ in range(max(1, cores() // threads))]
+        runs = []
         try:
-            with native_noise_filtered():
-                for run in runs:
-                    run(*arguments)
-        except Exception as error:  # noqa: BLE001 - the graph imports but does not run in a session
-            self._run_eagerly(error)
-            self(*arguments, threads=threads)  # and eagerly it runs, or the load fails here
+            while self.eager_because is None and len(runs) < max(1, cores() // threads):
+                runs.append(self._acquire(threads))
+            for run, new in runs:
+                if self.eager_because is None:
+                    self._first_run(run, arguments) if new else run(*arguments)
         finally:
-            for run in runs:
+            for run, _ in runs:
                 self._free[threads].put(run)
+
+    def close_other_sizes(self, threads: int) -> None:
+        """Close the sessions of every other size than ``threads`` (those a load's calibration
+        made and did not choose: each holds its own copy of the graph's constants and threads).
+        Only while no call is running, as when a model is loaded."""
+        with self._lock:
+            for size in [size for size in self._sessions if size != threads]:
+                for session in self._sessions.pop(size):
+                    if session is not None:  # (one being made has no place to be closed from)
+                        session.close()
+                self._free.pop(size, None)
 
     def _acquire(self, threads: int) -> tuple[Callable[..., list[np.ndarray]], bool]:
         """A free session's callable (made if fewer than ``cores() // threads`` exist, else waited
@@ -122,11 +147,20 @@ class SessionFunction:
             try:
                 return free.get_nowait(), False
             except queue.Empty:
-                if len(made) < max(1, cores() // threads):
-                    # its own threads: one inter-op thread dispatches the ops, ``threads`` run them
-                    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads,
-                                                      inter_op_parallelism_threads=1, use_per_session_threads=True)
-                    session = tf.compat.v1.Session(graph=self.graph, config=config)
-                    made.append(session)
-                    return session.make_callable(self._fetches, feed_list=self._feeds), True
-        return free.get(), False  # every session of this size is in a pass: the next one freed
+                room = len(made) < max(1, cores() // threads)
+                if room:
+                    made.append(None)  # its place, held while it is made outside the lock
+        if not room:
+            return free.get(), False  # every session of this size is in a pass: the next one freed
+        try:
+            # its own threads: one inter-op thread dispatches the ops, ``threads`` run them
+            config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1,
+                                              use_per_session_threads=True)
+            session = tf.compat.v1.Session(graph=self.graph, config=config)
+        except BaseException:
+            with self._lock:
+                made.remove(None)
+            raise
+        with self._lock:
+            made[made.index(None)] = session
+        return session.make_callable(self._fetches, feed_list=self._feeds), True

@@ -6,6 +6,7 @@ import threading
 import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from explain import sessions
@@ -48,7 +49,7 @@ def test_a_session_function_gives_the_eager_results_read_only():
     np.testing.assert_array_equal(in_sessions(x, np.float32(0.5), threads=1)[0], eager[0])
 
 
-def test_passes_at_once_never_ask_for_more_threads_than_the_cores(monkeypatch):
+def test_passes_of_one_size_at_once_never_ask_for_more_threads_than_the_cores(monkeypatch):
     """However many callers at once, at most ``cores // threads`` sessions of a size are made, and
     a caller beyond them waits for one to be free; every caller gets its own input's result."""
     monkeypatch.setattr(sessions, "cores", lambda: 2)
@@ -103,3 +104,45 @@ def test_a_graph_that_cannot_be_frozen_runs_eagerly_and_says_why(monkeypatch, ca
     np.testing.assert_array_equal(in_sessions(x, np.float32(2.0), threads=1)[1],
                                   function(tf.constant(x), tf.constant(2.0))[1].numpy())
     in_sessions.prepare(x, np.float32(2.0), threads=1)  # nothing to make
+
+
+def test_scalar_outputs_come_back_as_read_only_arrays():
+    """A session returns a scalar output as a numpy scalar, whose flags cannot be set."""
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def total(x):
+        return tf.reduce_sum(x), x * 2.0
+
+    (value, doubled) = SessionFunction(total.get_concrete_function())(np.ones(3, np.float32), threads=1)
+    assert value.shape == () and float(value) == 3.0 and not value.flags.writeable and not doubled.flags.writeable
+
+
+def test_a_graph_that_freezes_but_fails_in_a_session_runs_eagerly_and_bad_arguments_still_fail(monkeypatch):
+    """When a new session's first run fails but the eager call on the same arguments does not, the
+    graph is at fault: the function runs eagerly from then on (and a load does not fail on it).
+    When the eager call fails too, the arguments are at fault, and the error is the caller's."""
+    function, _ = _traced()
+    in_sessions = SessionFunction(function)
+    with pytest.raises(Exception):
+        in_sessions(np.ones((2, 5), np.float32), np.float32(1.0), threads=1)  # 5 columns, not 3
+    assert in_sessions.eager_because is None
+
+    monkeypatch.setattr(sessions, "cores", lambda: 4)  # room for a new session, whose first run fails
+    monkeypatch.setattr(tf.compat.v1.Session, "make_callable",
+                        lambda self, *a, **k: lambda *args: (_ for _ in ()).throw(RuntimeError("no kernel for it")))
+    x = np.ones((2, 3), np.float32)
+    in_sessions.prepare(x, np.float32(1.0), threads=2)
+    assert in_sessions.eager_because == "RuntimeError: no kernel for it"
+    np.testing.assert_array_equal(in_sessions(x, np.float32(1.0), threads=2)[0],
+                                  function(tf.constant(x), tf.constant(1.0))[0].numpy())
+
+
+def test_the_calibrations_other_sizes_are_closed(monkeypatch):
+    monkeypatch.setattr(sessions, "cores", lambda: 2)
+    function, _ = _traced()
+    in_sessions = SessionFunction(function)
+    x = np.ones((1, 3), np.float32)
+    for threads in (1, 2):
+        in_sessions.prepare(x, np.float32(1.0), threads=threads)
+    in_sessions.close_other_sizes(1)
+    assert set(in_sessions._sessions) == {1} and len(in_sessions._sessions[1]) == 2
+    assert in_sessions(x, np.float32(1.0), threads=1)[0].shape == (1,)
