@@ -152,15 +152,19 @@ class SessionFunction:
                     made.append(None)  # its place, held while it is made outside the lock
         if not room:
             return free.get(), False  # every session of this size is in a pass: the next one freed
+        session = None
         try:
             # its own threads: one inter-op thread dispatches the ops, ``threads`` run them
             config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1,
                                               use_per_session_threads=True)
             session = tf.compat.v1.Session(graph=self.graph, config=config)
+            run = session.make_callable(self._fetches, feed_list=self._feeds)
         except BaseException:
             with self._lock:
-                made.remove(None)
+                made.remove(None)  # its place, free again
+            if session is not None:
+                session.close()
             raise
         with self._lock:
             made[made.index(None)] = session
-        return session.make_callable(self._fetches, feed_list=self._feeds), True
+        return run, True
