@@ -27,8 +27,10 @@ def _traced():
     return function.get_concrete_function(), weights
 
 
-def test_importing_the_project_gives_each_device_its_own_threads():
-    """The sessions' pools are their own only if this was set before TensorFlow made a device."""
+def test_importing_the_project_asks_tensorflow_for_a_pool_per_device():
+    """The sessions' pools are their own only if this was set before TensorFlow made a device
+    (that they then run on their own threads is what the A/B in explain.sessions measured; no
+    test can see threads without timing them)."""
     assert os.environ.get(sessions.OWN_POOLS_VARIABLE) == "1"
 
 
