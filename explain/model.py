@@ -129,6 +129,8 @@ class ExplainableModel:
     _end_cache_size: int = field(default=0, init=False, repr=False)
     _seen_baselines: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
     _end_cache_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    #: path -> the lock held while its kernel is traced and frozen (outside :attr:`_lock`)
+    _building: dict[str, threading.Lock] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def _xai_model(self):
@@ -346,12 +348,20 @@ class ExplainableModel:
 
     def _kernel(self, path: str) -> SessionFunction:
         """The path-gradient function for ``path``, traced once per model and run in sessions of
-        the lanes' share of the cores each (:mod:`explain.sessions`)."""
+        the lanes' share of the cores each (:mod:`explain.sessions`). Tracing and freezing one
+        (2-4 s for the blurred path's, first used by a request) holds only that path's lock, so
+        requests on the other path's kernel do not wait for it."""
         with self._lock:
-            if path not in self._kernels:
-                self._kernels[path] = SessionFunction(
-                    _trace_path_kernel(self._probabilities_function(), self.image_shape, path))
-            return self._kernels[path]
+            if path in self._kernels:
+                return self._kernels[path]
+            building = self._building.setdefault(path, threading.Lock())
+        with building:
+            with self._lock:
+                if path in self._kernels:  # made while this call waited for it
+                    return self._kernels[path]
+            kernel = SessionFunction(_trace_path_kernel(self._probabilities_function(), self.image_shape, path))
+            with self._lock:
+                return self._kernels.setdefault(path, kernel)
 
 
 def _trace_path_kernel(probabilities: Callable[[tf.Tensor], tf.Tensor], image_shape: tuple[int, int, int],

@@ -1103,6 +1103,34 @@ def test_chunk_results_are_folded_in_order_and_few_wait_in_memory():
     assert state["most_waiting"] <= 4  # 2 lanes x 2 rounds; run all first and it would be 19
 
 
+def test_a_kernel_being_built_does_not_hold_up_requests_on_the_other_path(exported_model_dir, images, monkeypatch):
+    """The first blurred-baseline request traces and freezes its kernel (seconds on MobileNetV2):
+    meanwhile a request on the linear path runs, and a second blurred request waits for the one
+    kernel being built rather than building another."""
+    import explain.model as model_module
+    from explain.paths import LINEAR, SCALE_SPACE
+
+    model = load_explainable_model(exported_model_dir, batch_size=8, streams=2)
+    trace, entered, release, traced = model_module._trace_path_kernel, threading.Event(), threading.Event(), []
+
+    def slow_trace(probabilities, image_shape, path):
+        traced.append(path)
+        entered.set()
+        release.wait(30)
+        return trace(probabilities, image_shape, path)
+
+    monkeypatch.setattr(model_module, "_trace_path_kernel", slow_trace)
+    with ThreadPoolExecutor(2) as pool:
+        blurred = [pool.submit(model._kernel, SCALE_SPACE) for _ in range(2)]
+        assert entered.wait(30)
+        x, b, classes = _paths(model, images)
+        out = IntegratedGradients().GetMask(x, b, classes, model, step_count=4)  # linear, while one builds
+        assert np.isfinite(out.attributions).all() and not any(f.done() for f in blurred)
+        release.set()
+        assert blurred[0].result(timeout=60) is blurred[1].result(timeout=60)
+    assert traced == [SCALE_SPACE] and model._kernel(LINEAR) is not None
+
+
 def test_a_call_does_not_wait_for_helper_streams_another_request_holds(exported_model_dir, images):
     """When another request holds the model's helper threads, a call runs all its chunks in its
     own thread and returns: it does not wait for the pool to finish the other request's work."""
