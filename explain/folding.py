@@ -28,9 +28,8 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
-from tensorflow.python.framework import convert_to_constants
 
-from trainer.tf_logging import native_noise_filtered
+from explain.sessions import frozen_graph_def as _frozen_graph_def
 
 log = logging.getLogger(__name__)
 
@@ -183,20 +182,6 @@ def _unsupported(graph_def: graph_pb2.GraphDef) -> str | None:
         if node.op in _CONTROL_FLOW:
             return f"control flow ({node.op} {node.name})"
     return None
-
-
-def _frozen_graph_def(signature) -> graph_pb2.GraphDef:
-    """``signature``'s graph with its variables as constants and its calls inlined. The public
-    ``convert_variables_to_constants_v2`` also builds a concrete function of the result, which
-    takes 2.5 of its 2.8 s on MobileNetV2 and is not used here: the GraphDef is taken before that
-    step (the same two calls it makes), or from the public function if a TensorFlow lacks them."""
-    with native_noise_filtered():  # grappler's start-up lines
-        try:
-            data = convert_to_constants._FunctionConverterDataInEager(func=signature, lower_control_flow=True,
-                                                                      aggressive_inlining=False)
-            return convert_to_constants._replace_variables_by_constants(converter_data=data)[0]
-        except AttributeError:  # pragma: no cover - another TensorFlow's internals
-            return convert_to_constants.convert_variables_to_constants_v2(signature).graph.as_graph_def()
 
 
 def fold_graph_def(graph_def: graph_pb2.GraphDef) -> tuple[list[tuple[str, str]], int]:

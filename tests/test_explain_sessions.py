@@ -97,7 +97,7 @@ def test_a_graph_that_cannot_be_frozen_runs_eagerly_and_says_why(monkeypatch, ca
     def failing(_):
         raise ValueError("cannot freeze this graph")
 
-    monkeypatch.setattr(sessions, "convert_variables_to_constants_v2", failing)
+    monkeypatch.setattr(sessions, "frozen_graph_def", failing)
     with caplog.at_level("WARNING", logger="explain.sessions"):
         in_sessions = SessionFunction(function)
     assert in_sessions.eager_because == "ValueError: cannot freeze this graph"
