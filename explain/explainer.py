@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -112,17 +112,60 @@ def _baselines(image: np.ndarray, attribution: AttributionMethodConfig, metadata
     return [make[name]() for name in named]
 
 
+def _figure(value: float) -> str:
+    """A small number as a warning shows it: three decimals, or two significant digits under 0.001
+    (a 1e-9 target missed at 2e-6 does not read as 0.000)."""
+    return f"{value:.3f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2g}"
+
+
 def _warnings(name: str, error: float, instance: float, baseline: float, reasons: np.ndarray,
               steps: np.ndarray, attribution: AttributionMethodConfig,
-              map_errors: np.ndarray | None = None) -> list[str]:
-    """What a user must know about one attribution, naming the cause and what to do."""
+              map_errors: np.ndarray | None = None, explained: float | None = None,
+              baseline_outputs: Sequence[float] = ()) -> list[str]:
+    """What a user must know about one attribution, naming the cause and what to do.
+
+    ``explained``: the mean output over the path ends the attribution explains (SmoothGrad's noisy
+    samples; the input's ``instance`` without them); ``baseline_outputs``: each baseline's output
+    when there are several (``baseline`` is their mean, as Vertex reports it)."""
     out = []
-    if DEGENERATE in reasons or abs(instance - baseline) < MIN_OUTPUT_DELTA:
-        out.append(f"output {name!r}: the input scores {instance:.3f} and the baseline {baseline:.3f}; a difference "
-                   f"below {MIN_OUTPUT_DELTA} leaves almost nothing to attribute, so the attribution is unreliable "
-                   f"and was not refined ({int(steps.max())} steps); use another baseline (baseline: white, "
-                   f"blurred or random, or input_baselines in the explanation metadata)")
-    elif attribution.map_target is not None and map_errors is not None and len(map_errors) \
+    explained = instance if explained is None else explained
+    noisy = attribution.smooth_grad is not None
+    scored = (f"SmoothGrad's noisy samples score {explained:.3f} on average (the input {instance:.3f})" if noisy
+              else f"the input scores {instance:.3f}")
+    scores = (f"the baselines {', '.join(f'{v:.3f}' for v in baseline_outputs)} ({baseline:.3f} on average)"
+              if len(baseline_outputs) > 1 else f"the baseline {baseline:.3f}")
+    shifted = noisy and abs(explained - instance) > MAX_APPROXIMATION_ERROR * max(abs(instance - baseline),
+                                                                                  MIN_OUTPUT_DELTA)
+    if DEGENERATE in reasons:
+        fix = ("lower noise_sigma: the noise changes the model's output" if shifted else
+               "use another baseline (baseline: white, blurred or random, or input_baselines in the explanation "
+               "metadata)")
+        out.append(f"output {name!r}: {scored} and {scores}; a difference below {MIN_OUTPUT_DELTA} leaves almost "
+                   f"nothing to attribute, so the attribution is unreliable and was not refined "
+                   f"({int(steps.max())} steps); {fix}")
+        return out
+    if abs(explained - baseline) < MIN_OUTPUT_DELTA:  # the paths' differences cancel in their mean
+        out.append(f"output {name!r}: {scored} and {scores}: the averaged paths' differences have opposite signs, "
+                   f"so the averaged attribution sums to about {explained - baseline:+.3f} and approximationError "
+                   f"({error:.3g}) is "
+                   f"relative to that; each path was "
+                   + (f"refined toward {attribution.target_error} of its own difference until max_step_count "
+                      f"({attribution.max_step_count}) stopped it" if LIMIT in reasons else
+                      f"refined to within {attribution.target_error} of its own difference "
+                      f"({int(steps.max())} gradient evaluations at most)" if attribution.target_error else
+                      f"computed with {attribution.step_count} fixed steps")
+                   + "; for an attribution whose sum can be checked, "
+                   + ("use one baseline (baseline: black or white)" if len(baseline_outputs) > 1 else
+                      "lower noise_sigma"))
+        return out
+    if shifted:
+        sigma = attribution.smooth_grad.noise_sigma
+        out.append(f"output {name!r}: {scored}, so the attribution explains the noisy samples and its sum differs "
+                   f"from instanceOutputValue - baselineOutputValue by "
+                   f"{abs(explained - instance) / max(abs(instance - baseline), MIN_OUTPUT_DELTA):.3g} of it on top "
+                   f"of approximationError, which more steps do not change; lower noise_sigma "
+                   f"({'per feature' if sigma is None else sigma})")
+    if attribution.map_target is not None and map_errors is not None and len(map_errors) \
             and float(np.max(map_errors)) > 1.01 * attribution.map_target:  # 1%: float32 recomputation
         judged = " (of its segments' mean attributions)" if attribution.method == XRAI_METHOD else ""
         out.append(f"output {name!r}: estimated map error{judged} {float(np.max(map_errors)):.3f} still exceeds map_target "
@@ -139,17 +182,17 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
     if error <= limit:
         return out
     if LIMIT in reasons:
-        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {label} after "
+        out.append(f"output {name!r}: approximation error {_figure(error)} still exceeds {label} after "
                    f"{int(steps.max())} gradient evaluations (max_step_count {attribution.max_step_count}); "
                    f"raise max_step_count, or use another baseline")
     elif RESOLUTION in reasons:
-        out.append(f"output {name!r}: approximation error {error:.3f} still exceeds {label} "
+        out.append(f"output {name!r}: approximation error {_figure(error)} still exceeds {label} "
                    f"after {int(steps.max())} gradient evaluations: the output jumps within "
                    f"1/{round(1 / (2 * MIN_PANEL_WIDTH))} "
                    f"of the path, where its gradient does not show it, so more steps will not help; use another "
                    f"baseline")
     elif attribution.target_error is None and DEGENERATE not in reasons and abs(instance - baseline) >= MIN_OUTPUT_DELTA:
-        out.append(f"output {name!r}: approximation error {error:.3f} exceeds {MAX_APPROXIMATION_ERROR} with "
+        out.append(f"output {name!r}: approximation error {_figure(error)} exceeds {MAX_APPROXIMATION_ERROR} with "
                    f"{attribution.step_count} fixed steps; increase step_count, or remove target_error: null "
                    f"to refine the path until it is faithful")
     return out
@@ -253,8 +296,7 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
             i, c = keys[first]
             rows = slice(first, first + per_path)
             attr = ig.attributions[rows].mean(axis=0)
-            deltas = np.abs(ig.instance_outputs[rows] - ig.baseline_outputs[rows])
-            error = float(ig.absolute_errors[rows].sum() / max(deltas.sum(), np.finfo(np.float32).tiny))
+            error = ig.averaged_error(rows)  # against the mean's difference, as a user checks it
             if not (np.isfinite(attr).all() and np.isfinite(error)):  # a path stopped as NONFINITE has a NaN error
                 raise NonFiniteAttributionError(
                     f"instance {i}, output {io.display_names[c]!r}: the model's output or gradient is not finite "
@@ -275,9 +317,11 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
                 "outputIndex": [int(c)], "outputDisplayName": name, "instanceOutputValue": instance,
                 "baselineOutputValue": baseline, "approximationError": error, "outputName": io.output_key,
                 "featureAttributions": {io.input_key: feature}})
-            results[i]["warnings"].extend(_warnings(name, error, instance, baseline, ig.stop_reasons[rows],
-                                                    ig.step_counts[rows], attribution,
-                                                    ig.map_errors[rows] if len(ig.map_errors) else None))
+            results[i]["warnings"].extend(_warnings(
+                name, error, instance, baseline, ig.stop_reasons[rows], ig.step_counts[rows], attribution,
+                ig.map_errors[rows] if len(ig.map_errors) else None,
+                explained=float(ig.instance_outputs[rows].mean()),
+                baseline_outputs=ig.baseline_outputs[rows][:num_baselines].tolist()))
         return results
     finally:
         for future in segments.values():

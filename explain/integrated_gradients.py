@@ -121,12 +121,13 @@ class PathModel(Protocol):
 
 @dataclass
 class IntegratedGradientsOutput:
-    """Per path r: the attribution, F at both ends, |sum(attr) - (F(x) - F(b))| and the steps used."""
+    """Per path r: the attribution, F at both ends, sum(attr) - (F(x) - F(b)) and the steps used."""
 
     attributions: np.ndarray      # [R, H, W, C]
     instance_outputs: np.ndarray  # [R]
     baseline_outputs: np.ndarray  # [R]
-    absolute_errors: np.ndarray   # [R]
+    #: [R] signed: paths averaged into one attribution add up, or cancel, by their signs
+    errors: np.ndarray
     step_counts: np.ndarray       # [R] gradient evaluations spent on each path
     #: [R] why each path stopped: FIXED (no refinement asked), CONVERGED (target met), LIMIT
     #: (``max_step_count`` reached first), RESOLUTION (the rest of the error is in panels too
@@ -139,10 +140,25 @@ class IntegratedGradientsOutput:
     map_errors: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
+    def absolute_errors(self) -> np.ndarray:
+        """|sum(attr) - (F(x) - F(b))| per path."""
+        return np.abs(self.errors)
+
+    @property
     def approximation_errors(self) -> np.ndarray:
         """Vertex's approximation error: |sum(attr) - delta| / |delta| per path."""
         delta = np.abs(self.instance_outputs - self.baseline_outputs)
         return self.absolute_errors / np.maximum(delta, np.finfo(np.float32).tiny)
+
+    def averaged_error(self, rows: slice | np.ndarray) -> float:
+        """Vertex's approximation error of the mean of paths ``rows`` (one attribution averaged over
+        baselines or SmoothGrad's samples): |sum of the mean attribution - (mean F(x) - mean F(b))|
+        over |mean F(x) - mean F(b)|, the check a user makes from a response, whose baseline output
+        is the baselines' mean. The mean's error is the mean of the paths' signed errors: paths
+        whose differences have opposite signs (a black baseline scoring under the input, a white one
+        over it) leave a small difference to divide by."""
+        gap = abs(float(np.sum(self.instance_outputs[rows] - self.baseline_outputs[rows])))
+        return abs(float(np.sum(self.errors[rows]))) / max(gap, float(np.finfo(np.float32).tiny))
 
 
 def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float, signed: bool = True) -> list[int]:
@@ -282,6 +298,18 @@ def _group_gaps(f_x: np.ndarray, f_b: np.ndarray, groups: np.ndarray) -> np.ndar
     return (np.bincount(groups, np.abs(f_x - f_b)) / np.bincount(groups))[groups]
 
 
+def _group_shares(f_x: np.ndarray, f_b: np.ndarray, groups: np.ndarray, min_output_gap: float) -> np.ndarray:
+    """Each path's share of the output gap its group's error is judged against: the gap of the
+    group's mean, |mean (F(x) - F(baseline))|, which the mean attribution must sum to
+    (:meth:`IntegratedGradientsOutput.averaged_error`), where that is at least ``min_output_gap``;
+    where the paths' differences cancel below it, the mean |F(x) - F(baseline)|: each path is
+    held to its own difference, and the average's sum, almost nothing, cannot be held to a share
+    of it (its warning says so). The same as the mean |gap| when the paths' differences share a sign."""
+    signed = np.abs(np.bincount(groups, f_x - f_b) / np.bincount(groups))[groups]
+    return np.where(signed >= max(min_output_gap, np.finfo(np.float32).tiny), signed,
+                    _group_gaps(f_x, f_b, groups))
+
+
 class IntegratedGradients:
     """Integrated Gradients (https://arxiv.org/abs/1703.01365) over many paths at once.
 
@@ -324,13 +352,16 @@ class IntegratedGradients:
           min_output_gap: paths with ``|F(x) - F(baseline)|`` below this are not refined and cost
             at most :data:`DEGENERATE_STEP_COUNT` evaluations (their stop reason says so).
           path_groups: paths averaged into one attribution (XRAI's black and white baselines,
-            SmoothGrad's samples) share a group id; a group's error is the sum of its paths'
-            absolute errors over the sum of their gaps; until it meets the target, each path over
-            its equal share of the group's allowance is refined, and once it does, none (one path
-            far under its share makes room for the other: on XRAI's default requests 6% fewer
-            evaluations, the same top-10% regions on 12 validation images). A group is degenerate
-            only when its mean gap is below ``min_output_gap``. By default every path is a group
-            of its own.
+            SmoothGrad's samples) share a group id. The group's allowance is ``target_error``
+            times the gap its mean attribution must sum to, |sum of (F(x) - F(b))| (what a user
+            checks: :meth:`IntegratedGradientsOutput.averaged_error`); until the sum of its paths'
+            absolute errors is within it, each path over its equal share is refined, and once it
+            is, none (one path far under its share makes room for the other: on XRAI's default
+            requests 6% fewer evaluations, the same top-10% regions on 12 validation images).
+            Where the paths' differences cancel to a mean under ``min_output_gap`` (baselines
+            scoring either side of the input), each path is held to its own |F(x) - F(b)| instead
+            (:func:`_group_shares`). A group is degenerate only when its mean |F(x) - F(b)| is
+            below ``min_output_gap``. By default every path is a group of its own.
           map_target: adaptive mode: also refine until the map's estimated relative L1 error
             (:func:`_map_error`) is at most this. Completeness checks one number, the sum of
             the map; a stretch of the path where the output is flat but the per-pixel integrands
@@ -398,7 +429,7 @@ class IntegratedGradients:
         weights = np.concatenate([w for _, w in rules])
         result = batch(node_rows, alphas, weights, node_rows, len(rows))
         integrals = np.bincount(node_rows, weights * result.node_derivatives, minlength=len(rows))
-        errors = np.abs(integrals - (f_x - f_b))
+        errors = integrals - (f_x - f_b)
         reasons = np.where(degenerate, DEGENERATE, FIXED).astype(object)
         attributions = np.stack(result.group_attributions).astype(np.float32, copy=False)
         return IntegratedGradientsOutput(attributions, f_x, f_b, errors, counts, reasons)
@@ -543,8 +574,8 @@ class IntegratedGradients:
             f_x, f_b = (np.array([values[r][k] for r in rows], np.float64) for k in (-1, 0))
         for r in rows:  # the ends' outputs exactly as given (or as this round read them), not float32 recomputations
             values[r][0], values[r][-1] = f_b[r], f_x[r]
-        gaps = _group_gaps(f_x, f_b, groups)
-        degenerate, tolerances = gaps < min_output_gap, target_error * gaps
+        degenerate = _group_gaps(f_x, f_b, groups) < min_output_gap
+        tolerances = target_error * _group_shares(f_x, f_b, groups, min_output_gap)
 
         def residuals(r: int, widths: np.ndarray) -> np.ndarray:
             """Each panel's trapezoid integral of dF/dalpha minus its exact F(b) - F(a)."""
@@ -650,7 +681,7 @@ class IntegratedGradients:
             weights[:-1] += widths / 2
             weights[1:] += widths / 2
             weights = weights.astype(np.float32)
-            errors.append(abs(residuals(r, widths).sum()))
+            errors.append(residuals(r, widths).sum())  # the trapezoid integral - (F(x) - F(b)), signed
             summarized = map_features is not None and maps[r] is not None
             nodes = features[r] if summarized else vectors[r]
             # with map_target the refinement kept the grid's trapezoid map of ``nodes`` and its

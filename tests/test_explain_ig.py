@@ -654,6 +654,78 @@ def test_a_group_of_paths_stops_when_its_summed_error_meets_the_target():
     assert steep.step_counts[1] > 4 and steep.absolute_errors.sum() <= 0.05 * 2  # over the group's: refined
 
 
+class _EitherSideModel:
+    """Two paths of one input: F = alpha ** 3 from a baseline scoring 0 to the input's 1, and
+    F = drop * (alpha ** 3 - 2 alpha) from a baseline scoring ``drop`` over the input. Both
+    derivatives are convex, so a trapezoid grid overstates both integrals: the errors share a sign
+    while the differences do not."""
+
+    def __init__(self, drop):
+        self.drop = drop
+
+    def path_gradients(self, batch):
+        a = batch.alphas.astype(float)
+        up = batch.node_rows == 0
+        slopes = np.where(up, 3 * a ** 2, self.drop * (3 * a ** 2 - 2))
+        values = np.where(up, a ** 3, self.drop * (a ** 3 - 2 * a))
+        groups = np.bincount(batch.node_groups, batch.weights * slopes, minlength=batch.num_groups)
+        return PathResult(groups.reshape(-1, 1, 1, 1).astype(np.float32), slopes.astype(np.float32),
+                          values.astype(np.float32))
+
+
+def test_a_groups_error_is_the_one_its_averaged_attribution_shows():
+    """Two baselines on either side of the input (black under it, white over): their paths' errors
+    have opposite signs and partly cancel, but so do their differences, and the averaged
+    attribution must sum to the mean difference within target_error of it, the check a user
+    makes from the response (baselineOutputValue is the baselines' mean). Judged on the sum of
+    the paths' |differences| instead, the group stopped at 0.43 of the mean's, and reported 0.048."""
+    x, b = np.ones((2, 1, 1, 1), np.float32), np.zeros((2, 1, 1, 1), np.float32)
+    ends = (np.array([1.0, 0.0]), np.array([0.0, 0.8]))  # F(x), F(b): differences +1 and -0.8, their mean 0.1
+    out = IntegratedGradients().GetMask(x, b, np.zeros(2, int), _EitherSideModel(0.8), step_count=4,
+                                        target_error=0.05, end_outputs=ends, min_output_gap=0.05,
+                                        path_groups=np.array([0, 0]))
+    assert out.averaged_error(slice(0, 2)) <= 0.05 and list(out.stop_reasons) == [CONVERGED, CONVERGED]
+    assert out.errors[0] > 0 and out.errors[1] > 0  # both convex: both overstated
+    mean = float(out.attributions.mean(axis=0).sum())  # what the response's attribution sums to
+    assert abs(mean - 0.1) / 0.1 == pytest.approx(out.averaged_error(slice(0, 2)), rel=1e-3, abs=1e-5)
+    # differences that cancel to a mean under min_output_gap: each path is held to its own, and
+    # the group is not refined toward a share of almost nothing
+    cancel = IntegratedGradients().GetMask(x, b, np.zeros(2, int), _EitherSideModel(0.98),
+                                           step_count=4, target_error=0.05, max_step_count=400,
+                                           end_outputs=(np.array([1.0, 0.0]), np.array([0.0, 0.98])),
+                                           min_output_gap=0.05, path_groups=np.array([0, 0]))
+    assert list(cancel.stop_reasons) == [CONVERGED, CONVERGED] and cancel.step_counts.max() < 40
+    assert cancel.absolute_errors.sum() <= 0.05 * 1.98
+
+
+def test_warnings_name_cancelling_baselines_and_smoothgrads_shifted_output():
+    """The cause each warning names is the true one: baselines scoring on either side of the input
+    (refined, not "not refined"), and SmoothGrad noise that changes the model's output (not the
+    baseline)."""
+    from explain.explainer import _warnings
+    from explain.parameters import parse_explanation_parameters
+
+    xrai = parse_explanation_parameters({"xrai_attribution": {"step_count": 5}}).attribution
+    (warning,) = _warnings("up", 4.09, 0.499, 0.5, np.array([CONVERGED, CONVERGED], object), np.array([70, 100]),
+                           xrai, np.array([0.05, 0.05]), baseline_outputs=[0.999, 0.0])
+    assert "0.999, 0.000 (0.500 on average)" in warning and "opposite signs" in warning
+    assert "use one baseline" in warning and "not refined" not in warning
+    smooth = parse_explanation_parameters({"integrated_gradients_attribution": {
+        "step_count": 5, "smooth_grad_config": {"noise_sigma": 0.1, "noisy_sample_count": 2}}}).attribution
+    (warning,) = _warnings("up", 0.5, 0.817, 0.0, np.array([DEGENERATE, DEGENERATE], object), np.array([5, 5]),
+                           smooth, explained=0.003)
+    assert "noisy samples score 0.003 on average (the input 0.817)" in warning and "lower noise_sigma" in warning
+    (warning,) = _warnings("up", 0.01, 0.817, 0.0, np.array([CONVERGED, CONVERGED], object), np.array([9, 9]),
+                           smooth, explained=0.6)
+    assert "explains the noisy samples" in warning and "lower noise_sigma (0.1)" in warning
+    assert _warnings("up", 0.01, 0.817, 0.0, np.array([CONVERGED, CONVERGED], object), np.array([9, 9]),
+                     smooth, explained=0.81) == []  # a shift within 0.05 of the difference: nothing to say
+    (warning,) = _warnings("up", 2e-6, 0.9, 0.1, np.array([LIMIT], object), np.array([24]),
+                           parse_explanation_parameters({"integrated_gradients_attribution": {
+                               "step_count": 5, "target_error": 1e-9, "max_step_count": 24}}).attribution)
+    assert "approximation error 2e-06 still exceeds target_error 1e-09" in warning
+
+
 def test_adaptive_mode_meets_its_target(saturating_model, images):
     x, b, classes = _paths(saturating_model, images)
     fixed = IntegratedGradients().GetMask(x, b, classes, saturating_model, step_count=8)

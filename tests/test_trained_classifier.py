@@ -74,6 +74,16 @@ def _misses_are_explained(explanations) -> list[float]:
     return errors
 
 
+def _errors_as_a_user_checks_them(explanations) -> None:
+    """Each IG attribution's approximationError is the one its response shows: the raw
+    attribution's sum against instanceOutputValue - baselineOutputValue (the baselines' mean)."""
+    for explanation in explanations:
+        for attribution in explanation["attributions"]:
+            gap = attribution["instanceOutputValue"] - attribution["baselineOutputValue"]
+            total = float(np.sum(attribution["featureAttributions"]["image"]["raw"], dtype=np.float64))
+            assert attribution["approximationError"] == pytest.approx(abs(total - gap) / abs(gap), rel=1e-3, abs=1e-4)
+
+
 def test_default_ig_is_faithful_and_points_at_the_flower(model_images_masks):
     model, images, masks = model_images_masks
     # the default request: refinement to 0.05 from the default start (configs/local.yaml's)
@@ -231,6 +241,7 @@ def test_ordinary_photographs_are_explained_faithfully_by_default(model_images_m
                              return_raw=True)
     errors = np.array(_misses_are_explained(default))  # every miss is warned about
     assert np.all(errors <= 0.05), errors
+    _errors_as_a_user_checks_them(default)
     for explanation in default:
         attribution = explanation["attributions"][0]
         if abs(attribution["instanceOutputValue"] - attribution["baselineOutputValue"]) < 0.05:
@@ -239,3 +250,4 @@ def test_ordinary_photographs_are_explained_faithfully_by_default(model_images_m
         "step_count": DEFAULT_ADAPTIVE_START, "baseline": ["black", "white"]}}, return_raw=True)
     errors = np.array(_misses_are_explained(remedy))
     assert len(errors) == len(PHOTOS) and np.all(errors <= 0.05), errors
+    _errors_as_a_user_checks_them(remedy)  # averaged over two baselines, as the response shows it
