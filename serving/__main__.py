@@ -26,6 +26,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -56,6 +63,14 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="most gradient evaluations one explanation request may cost (instances x outputs x "
                         "baselines x SmoothGrad samples x steps per path); larger requests get a 400 "
                         "(env AIP_EXPLAIN_BUDGET; default explain.cost.DEFAULT_EXPLAIN_BUDGET, 1000)")
+    p.add_argument("--explain_concurrency", type=_positive_int,
+                   default=environ.get("AIP_EXPLAIN_CONCURRENCY") or None,
+                   help="explanations running at once; more wait their turn (env AIP_EXPLAIN_CONCURRENCY; "
+                        "default: the cores this process may use)")
+    p.add_argument("--explain_queue", type=_non_negative_int,
+                   default=environ.get("AIP_EXPLAIN_QUEUE") or None,
+                   help="explanations waiting for a turn at most; more, and those whose deadline passes while "
+                        "they wait, are answered 503 (env AIP_EXPLAIN_QUEUE; default: 4 per running one)")
     p.add_argument("--request_deadline_s", type=float,
                    default=float(environ.get("AIP_REQUEST_DEADLINE_S") or defaults.request_deadline_s),
                    help="each request's deadline: work still running then is stopped and answered 504 "
@@ -152,6 +167,7 @@ def build_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     config = ServerConfig(backend=backend, cache_dir=args.cache_dir, limits=limits, health_route=health_route,
                           predict_route=predict_route, explanation_parameters=parameters,
                           preload=not args.registry, explain_budget=args.explain_budget,
+                          explain_concurrency=args.explain_concurrency, explain_queue=args.explain_queue,
                           allowed_hosts=allowed_hosts, batching=batching,
                           graceful_shutdown_s=args.graceful_shutdown_s)
     return config, args.host, args.port, args.log_level

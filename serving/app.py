@@ -41,6 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from serving.admission import ExplanationSlots, ServerBusyError
 from serving.backends import Backend
 from serving.batching import Batcher, BatchingParameters, QueueFullError
 from serving.cancellation import CancellableModel, Cancelled, CancellationToken, ClientGone, DeadlineExceeded
@@ -76,6 +77,11 @@ class ServerConfig:
     preload: bool | None = None
     #: Most gradient evaluations one explanation request may cost (:mod:`explain.cost`).
     explain_budget: int | None = None
+    #: Explanations running at once (:mod:`serving.admission`); default: the cores this process may use.
+    explain_concurrency: int | None = None
+    #: Explanations waiting for one of those slots at most; more are answered 503 at once. Default:
+    #: four per slot.
+    explain_queue: int | None = None
     #: Accepted ``Host`` names (any port); None accepts any (a server bound to a public address).
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
     batching: BatchingParameters = field(default_factory=BatchingParameters)
@@ -87,6 +93,12 @@ class ServerConfig:
             from explain.cost import DEFAULT_EXPLAIN_BUDGET
 
             self.explain_budget = DEFAULT_EXPLAIN_BUDGET
+        if self.explain_concurrency is None:
+            from explain.sessions import cores
+
+            self.explain_concurrency = cores()
+        if self.explain_queue is None:
+            self.explain_queue = 4 * self.explain_concurrency
         if self.preload is None:
             from serving.backends import ModelDirBackend
 
@@ -241,6 +253,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     tokens: set[CancellationToken] = set()  # in-flight requests, cancelled at shutdown
     working = [0, 0]  # [requests whose work runs in a thread now, works stopped by cancellation]
     working_lock = threading.Lock()
+    slots = ExplanationSlots(config.explain_concurrency, config.explain_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -269,6 +282,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     # For tests and monitoring: how much work runs now, and how much was stopped by cancellation.
     app.state.working = lambda: working[0]
     app.state.cancelled = lambda: working[1]
+    app.state.slots = slots  # explanations running and waiting (:mod:`serving.admission`)
 
     def batcher_for(served: ServedModel) -> Batcher:
         key = (served.version["name"], served.version["versionId"], served.model_dir)
@@ -307,17 +321,18 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise RequestError(f"explanation parameters: {e}") from e
         token.check()
         model = CancellableModel(served.explainable(), token)
-        try:
-            pixels = model.preprocess(images)
-        except ValueError as e:  # decodable for PIL, not for the graph: named by instance
-            raise RequestError(f"instances: {e}") from e
-        try:
-            return explain_images(model, pixels, parameters, metadata)
-        except ExplanationParametersError as e:  # e.g. an override that does not fit this model
-            raise RequestError(f"explanation: {e}") from e
-        except NonFiniteAttributionError as e:  # the model's fault, said as such; the server goes on
-            log.warning("explanation failed: %s", e)
-            raise RequestError(f"explanation: {e}", code=500) from e
+        with slots.slot(token):  # in turn: a burst must not slow every explanation past its deadline
+            try:
+                pixels = model.preprocess(images)
+            except ValueError as e:  # decodable for PIL, not for the graph: named by instance
+                raise RequestError(f"instances: {e}") from e
+            try:
+                return explain_images(model, pixels, parameters, metadata)
+            except ExplanationParametersError as e:  # e.g. an override that does not fit this model
+                raise RequestError(f"explanation: {e}") from e
+            except NonFiniteAttributionError as e:  # the model's fault, said as such; the server goes on
+                log.warning("explanation failed: %s", e)
+                raise RequestError(f"explanation: {e}", code=500) from e
 
     def predict(name: str, body: dict[str, Any], token: CancellationToken) -> tuple[dict, dict, list]:
         _, deployed, served = resolve(name)
@@ -452,7 +467,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         except Cancelled as e:
             code = 504 if isinstance(e, DeadlineExceeded) else 499
             response = JSONResponse(_error_json(code, str(e)), status_code=code)
-        except QueueFullError as e:
+        except (QueueFullError, ServerBusyError) as e:
             response = JSONResponse(_error_json(503, str(e)), status_code=503)
         except Exception:  # noqa: BLE001  (a bug: logged with an id the answer quotes, no details leak)
             incident = secrets.token_hex(4)

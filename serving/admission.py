@@ -1,0 +1,86 @@
+"""How many explanations run at once, and who waits.
+
+An explanation is CPU-bound work of seconds: every gradient pass runs on all the cores
+(:mod:`explain.sessions`), so explanations running at once share the cores and each takes as
+much longer. Without a limit, a burst of them all slow down together until every one runs past
+the request deadline, and none is answered: 16 requests of about 15 s each (each within the
+cost budget) on 2 cores all came back 504 after 60 s, having spent the whole minute of both
+cores on work nobody received. Here at most ``slots`` run; the rest wait in arrival order (a
+waiting request costs a thread, not the cores), at most ``max_waiting`` of them, so the first
+ones finish in their own time. A request that finds the queue full, or whose deadline passes
+while it waits, is answered 503 at once with what it waited for: the client can retry, and the
+work already admitted is not slowed by it. A client that goes away while waiting leaves the queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+from serving.cancellation import CancellationToken, DeadlineExceeded
+
+#: How often a waiting request looks at its token (a disconnect or the server's shutdown).
+_POLL_S = 0.05
+
+
+class ServerBusyError(RuntimeError):
+    """No explanation slot came free in time, or too many requests wait for one: answered 503."""
+
+
+class ExplanationSlots:
+    """At most ``slots`` explanations at once; up to ``max_waiting`` more wait, first come first served."""
+
+    def __init__(self, slots: int, max_waiting: int) -> None:
+        if slots < 1 or max_waiting < 0:
+            raise ValueError(f"slots must be >= 1 and max_waiting >= 0, got {slots} and {max_waiting}")
+        self.slots, self.max_waiting = slots, max_waiting
+        self._running = 0
+        self._queue: collections.deque[object] = collections.deque()
+        self._changed = threading.Condition()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @contextlib.contextmanager
+    def slot(self, token: CancellationToken) -> Iterator[None]:
+        """Hold one slot for the block, after waiting for it in turn (until the token's deadline)."""
+        start = time.monotonic()
+        ticket = object()
+        with self._changed:
+            if self._running >= self.slots and len(self._queue) >= self.max_waiting:
+                raise ServerBusyError(
+                    f"the server is busy: {self._running} explanations are running and {len(self._queue)} "
+                    f"are waiting, the most it queues; retry later (--explain_concurrency and "
+                    f"--explain_queue set these)")
+            self._queue.append(ticket)
+            try:
+                while self._running >= self.slots or self._queue[0] is not ticket:
+                    remaining = token.remaining_s()
+                    try:
+                        token.check()  # a disconnect or shutdown leaves the queue now
+                    except DeadlineExceeded:
+                        raise ServerBusyError(
+                            f"the server is busy: this explanation waited {time.monotonic() - start:.1f} s for "
+                            f"one of {self.slots} explanation slots and reached its deadline of "
+                            f"{token.deadline_s:g} s before one came free; retry later") from None
+                    self._changed.wait(_POLL_S if remaining is None else max(0.0, min(_POLL_S, remaining)))
+            except BaseException:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
+                raise
+            self._queue.popleft()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
