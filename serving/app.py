@@ -40,6 +40,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from serving.admission import ExplanationSlots, ServerBusyError
 from serving.backends import Backend
@@ -221,6 +222,10 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     except TimeoutError:
         raise RequestError(f"the request body did not arrive within {timeout_s:g} s", 408,
                            "DEADLINE_EXCEEDED") from None
+    except ClientDisconnect:  # nobody to answer: the client's doing, not the server's error
+        log.info("a client closed the connection after %d bytes of its request body", size)
+        raise RequestError("the client closed the connection before its request body arrived", 499,
+                           "CANCELLED") from None
     return b"".join(chunks)
 
 

@@ -384,6 +384,27 @@ def test_a_stalled_body_times_out(exported_model_dir, tmp_path):
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
 
 
+def test_a_client_that_leaves_mid_body_is_not_a_server_error(tmp_path, caplog):
+    """A client that closes its connection halfway through its body is its own doing: no
+    "internal error" with a traceback in the server's log, and the server goes on."""
+    import logging
+    import socket
+    import time
+
+    config = ServerConfig(backend=RegistryBackend(Registry(tmp_path / "r")), cache_dir=str(tmp_path / "c"))
+    with caplog.at_level(logging.INFO, logger="serving"), serving_app(create_app(config)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/projects/p/locations/l/endpoints/1:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b" " * 1024)
+        deadline = time.monotonic() + 10
+        while "closed the connection after" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").status_code == 200
+    assert "internal error" not in caplog.text and "Traceback" not in caplog.text
+
+
 def test_a_stalled_or_silent_request_head_is_closed(tmp_path):
     """Slowloris: a connection that says nothing, or sends its head a byte at a time, is answered
     408 and closed after head_timeout_s, while requests that arrive whole are served."""
