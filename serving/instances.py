@@ -89,8 +89,21 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
+#: What a base64 string may hold between its characters: dropped before decoding.
+_BASE64_SPACE = str.maketrans("", "", " \t\r\n")
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer, within Python's own limit on digits (4300), refused in words a client can
+    act on rather than Python's advice to call ``sys.set_int_max_str_digits()``."""
+    digits = len(text.lstrip("-"))
+    if digits > 4300:
+        raise ValueError(f"a number of {digits} digits ({text[:20]}...) is too long for any field")
+    return int(text)
 
 
 def _finite_float(text: str) -> float:
@@ -107,7 +120,7 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, An
     if depth > max_depth:
         raise RequestError(f"request body nests {depth} levels deep, over the limit of {max_depth}")
     try:
-        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except UnicodeDecodeError as e:
         raise RequestError(f"request body is not UTF-8 JSON: {e}") from e
     except json.JSONDecodeError as e:
@@ -162,8 +175,8 @@ def _decode_instance(index: int, instance: Any, input_name: str, limits: Limits)
     encoded = value["b64"]
     if not isinstance(encoded, str) or not encoded:
         raise RequestError(f"{where}.b64: must be a non-empty base64 string")
-    try:
-        data = base64.b64decode(encoded, validate=True)
+    try:  # line breaks carry nothing: MIME base64 (the base64 command's default output) has them
+        data = base64.b64decode(encoded.translate(_BASE64_SPACE), validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"{where}.b64: invalid base64 ({e})") from e
     return prepare_image(data, where, limits)

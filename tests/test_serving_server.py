@@ -384,6 +384,23 @@ def test_a_stalled_body_times_out(exported_model_dir, tmp_path):
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
 
 
+def test_line_broken_base64_is_read_and_a_huge_integer_is_refused_in_plain_words(served):
+    """MIME base64 (``base64`` and ``base64.encodebytes`` break lines every 76 characters) is
+    the same image; a 100,000-digit number is refused without Python's advice to the server."""
+    import base64
+
+    wrapped = {"instances": [{"b64": base64.encodebytes(image_bytes(3)).decode()}]}
+    assert "\n" in wrapped["instances"][0]["b64"]
+    plain = httpx.post(endpoint_url(served) + ":predict", json={"instances": [GOOD]}).json()
+    response = httpx.post(endpoint_url(served) + ":predict", json=wrapped)
+    assert response.status_code == 200 and response.json()["predictions"] == plain["predictions"]
+    huge = b'{"instances": [' + b"1" * 100_000 + b"]}"
+    response = httpx.post(endpoint_url(served) + ":predict", content=huge,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "a number of 100000 digits" in response.text
+    assert "set_int_max_str_digits" not in response.text
+
+
 def test_a_client_that_leaves_mid_body_is_not_a_server_error(tmp_path, caplog):
     """A client that closes its connection halfway through its body is its own doing: no
     "internal error" with a traceback in the server's log, and the server goes on."""
