@@ -62,7 +62,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    default=environ.get("AIP_EXPLAIN_BUDGET") or None,
                    help="most gradient evaluations one explanation request may cost (instances x outputs x "
                         "baselines x SmoothGrad samples x steps per path); larger requests get a 400 "
-                        "(env AIP_EXPLAIN_BUDGET; default explain.cost.DEFAULT_EXPLAIN_BUDGET, 1000)")
+                        "(env AIP_EXPLAIN_BUDGET; default explain.cost.DEFAULT_EXPLAIN_BUDGET, 2000)")
     p.add_argument("--explain_concurrency", type=_positive_int,
                    default=environ.get("AIP_EXPLAIN_CONCURRENCY") or None,
                    help="explanations running at once; more wait their turn (env AIP_EXPLAIN_CONCURRENCY; "

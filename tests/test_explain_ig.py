@@ -19,6 +19,7 @@ from explain import NonFiniteAttributionError, explain_images, load_explainable_
 from explain.integrated_gradients import (CONVERGED, DEGENERATE, DEGENERATE_STEP_COUNT, LIMIT, MIN_PANEL_WIDTH, NONFINITE,
                                           RESOLUTION, GroupSums, IntegratedGradients, PathResult, _panels_to_split)
 from explain.testing import export_saturating_classifier, smooth_images
+from trainer.schema import DEFAULT_ADAPTIVE_START
 
 
 @pytest.fixture(scope="module")
@@ -853,6 +854,20 @@ def test_top_k_output_indices_and_concurrent_calls(tiny_model, images):
         results = list(pool.map(lambda _: explain_images(tiny_model, images, one, return_raw=True), range(4)))
     for result in results:
         assert result == expected
+
+
+def test_the_default_budget_takes_two_default_xrai_images_and_five_default_ig_ones(tiny_model):
+    """A new user's first batch is not refused: two images by default XRAI, five by default IG."""
+    from explain.cost import DEFAULT_EXPLAIN_BUDGET, ExplanationCostError, check_cost, request_cost
+
+    def cost(method: str, images: int):
+        return request_cost({method: {"step_count": DEFAULT_ADAPTIVE_START}}, images, tiny_model.metadata,
+                            tiny_model.labels)
+
+    check_cost(cost("xrai_attribution", 2), DEFAULT_EXPLAIN_BUDGET)
+    check_cost(cost("integrated_gradients_attribution", 5), DEFAULT_EXPLAIN_BUDGET)
+    with pytest.raises(ExplanationCostError):
+        check_cost(cost("xrai_attribution", 3), DEFAULT_EXPLAIN_BUDGET)
 
 
 def test_xrai_region_steps_are_counted_and_can_be_stopped(tiny_model, images):
