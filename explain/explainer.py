@@ -134,36 +134,38 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
               else f"the input scores {instance:.3f}")
     scores = (f"the baselines {', '.join(f'{v:.3f}' for v in baseline_outputs)} ({baseline:.3f} on average)"
               if len(baseline_outputs) > 1 else f"the baseline {baseline:.3f}")
-    shifted = noisy and abs(explained - instance) > MAX_APPROXIMATION_ERROR * max(abs(instance - baseline),
-                                                                                  MIN_OUTPUT_DELTA)
+    # SmoothGrad: the share of the response's difference by which the noise moved the output
+    shift = abs(explained - instance) / max(abs(instance - baseline), MIN_OUTPUT_DELTA) if noisy else 0.0
+    # several baselines whose differences cancel in their mean (scoring on either side of the input)
+    cancelling = len(baseline_outputs) > 1 and abs(explained - baseline) < 0.5 * float(
+        np.mean(np.abs(explained - np.asarray(baseline_outputs, float))))
     if DEGENERATE in reasons:
-        fix = ("lower noise_sigma: the noise changes the model's output" if shifted else
-               "use another baseline (baseline: white, blurred or random, or input_baselines in the explanation "
-               "metadata)")
+        fix = ("lower noise_sigma: the noise changes the model's output" if noisy and abs(instance - baseline)
+               >= MIN_OUTPUT_DELTA else "use another baseline (baseline: white, blurred or random, or "
+               "input_baselines in the explanation metadata)")
         out.append(f"output {name!r}: {scored} and {scores}; a difference below {MIN_OUTPUT_DELTA} leaves almost "
                    f"nothing to attribute, so the attribution is unreliable and was not refined "
                    f"({int(steps.max())} steps); {fix}")
         return out
-    if abs(explained - baseline) < MIN_OUTPUT_DELTA:  # the paths' differences cancel in their mean
+    small = abs(explained - baseline) < MIN_OUTPUT_DELTA  # the paths' differences cancel in their mean
+    if small:
+        held = (f"computed with {attribution.step_count} fixed steps" if not attribution.target_error else
+                f"refined toward {attribution.target_error} of their mean difference until max_step_count "
+                f"({attribution.max_step_count}) stopped them" if LIMIT in reasons else
+                f"refined until the output jumps where no gradient sees it" if RESOLUTION in reasons else
+                f"refined to within {attribution.target_error} of their mean difference "
+                f"({int(steps.max())} gradient evaluations at most)")
         out.append(f"output {name!r}: {scored} and {scores}: the averaged paths' differences have opposite signs, "
                    f"so the averaged attribution sums to about {explained - baseline:+.3f} and approximationError "
-                   f"({error:.3g}) is "
-                   f"relative to that; each path was "
-                   + (f"refined toward {attribution.target_error} of its own difference until max_step_count "
-                      f"({attribution.max_step_count}) stopped it" if LIMIT in reasons else
-                      f"refined to within {attribution.target_error} of its own difference "
-                      f"({int(steps.max())} gradient evaluations at most)" if attribution.target_error else
-                      f"computed with {attribution.step_count} fixed steps")
-                   + "; for an attribution whose sum can be checked, "
+                   f"({error:.3g}) is relative to that; the paths, each of a larger difference, were {held}; "
+                   f"for an attribution whose sum can be checked, "
                    + ("use one baseline (baseline: black or white)" if len(baseline_outputs) > 1 else
                       "lower noise_sigma"))
-        return out
-    if shifted:
+    elif noisy and shift >= 0.005 and shift + error > MAX_APPROXIMATION_ERROR:
         sigma = attribution.smooth_grad.noise_sigma
         out.append(f"output {name!r}: {scored}, so the attribution explains the noisy samples and its sum differs "
-                   f"from instanceOutputValue - baselineOutputValue by "
-                   f"{abs(explained - instance) / max(abs(instance - baseline), MIN_OUTPUT_DELTA):.3g} of it on top "
-                   f"of approximationError, which more steps do not change; lower noise_sigma "
+                   f"from instanceOutputValue - baselineOutputValue by {shift:.3g} of it on top of "
+                   f"approximationError, which more steps do not change; lower noise_sigma "
                    f"({'per feature' if sigma is None else sigma})")
     if attribution.map_target is not None and map_errors is not None and len(map_errors) \
             and float(np.max(map_errors)) > 1.01 * attribution.map_target:  # 1%: float32 recomputation
@@ -179,12 +181,14 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
     # that ends at 3% must say so too)
     limit = min(attribution.target_error or MAX_APPROXIMATION_ERROR, MAX_APPROXIMATION_ERROR)
     label = f"target_error {limit}" if limit < MAX_APPROXIMATION_ERROR else f"{limit}"
-    if error <= limit:
+    if error <= limit or small:  # a sum of almost nothing: said above
         return out
     if LIMIT in reasons:
         out.append(f"output {name!r}: approximation error {_figure(error)} still exceeds {label} after "
                    f"{int(steps.max())} gradient evaluations (max_step_count {attribution.max_step_count}); "
-                   f"raise max_step_count, or use another baseline")
+                   + (f"{scores} score on either side of the input's {explained:.3f}, so the averaged attribution "
+                      f"must sum to a small difference: one baseline asks less; or raise max_step_count"
+                      if cancelling else "raise max_step_count, or use another baseline"))
     elif RESOLUTION in reasons:
         out.append(f"output {name!r}: approximation error {_figure(error)} still exceeds {label} "
                    f"after {int(steps.max())} gradient evaluations: the output jumps within "

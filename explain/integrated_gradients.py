@@ -302,9 +302,10 @@ def _group_shares(f_x: np.ndarray, f_b: np.ndarray, groups: np.ndarray, min_outp
     """Each path's share of the output gap its group's error is judged against: the gap of the
     group's mean, |mean (F(x) - F(baseline))|, which the mean attribution must sum to
     (:meth:`IntegratedGradientsOutput.averaged_error`), where that is at least ``min_output_gap``;
-    where the paths' differences cancel below it, the mean |F(x) - F(baseline)|: each path is
-    held to its own difference, and the average's sum, almost nothing, cannot be held to a share
-    of it (its warning says so). The same as the mean |gap| when the paths' differences share a sign."""
+    where the paths' differences cancel below it, the mean |F(x) - F(baseline)|: the paths' summed
+    errors are held to the sum of their differences, and the average's sum, almost nothing, cannot
+    be held to a share of it (its warning says so). The same as the mean |gap| when the paths'
+    differences share a sign."""
     signed = np.abs(np.bincount(groups, f_x - f_b) / np.bincount(groups))[groups]
     return np.where(signed >= max(min_output_gap, np.finfo(np.float32).tiny), signed,
                     _group_gaps(f_x, f_b, groups))
@@ -359,8 +360,8 @@ class IntegratedGradients:
             is, none (one path far under its share makes room for the other: on XRAI's default
             requests 6% fewer evaluations, the same top-10% regions on 12 validation images).
             Where the paths' differences cancel to a mean under ``min_output_gap`` (baselines
-            scoring either side of the input), each path is held to its own |F(x) - F(b)| instead
-            (:func:`_group_shares`). A group is degenerate only when its mean |F(x) - F(b)| is
+            scoring either side of the input), their summed errors are held to the sum of their
+            |F(x) - F(b)| instead (:func:`_group_shares`). A group is degenerate only when its mean |F(x) - F(b)| is
             below ``min_output_gap``. By default every path is a group of its own.
           map_target: adaptive mode: also refine until the map's estimated relative L1 error
             (:func:`_map_error`) is at most this. Completeness checks one number, the sum of

@@ -689,7 +689,7 @@ def test_a_groups_error_is_the_one_its_averaged_attribution_shows():
     assert out.errors[0] > 0 and out.errors[1] > 0  # both convex: both overstated
     mean = float(out.attributions.mean(axis=0).sum())  # what the response's attribution sums to
     assert abs(mean - 0.1) / 0.1 == pytest.approx(out.averaged_error(slice(0, 2)), rel=1e-3, abs=1e-5)
-    # differences that cancel to a mean under min_output_gap: each path is held to its own, and
+    # differences that cancel to a mean under min_output_gap: held to the sum of the paths' own, and
     # the group is not refined toward a share of almost nothing
     cancel = IntegratedGradients().GetMask(x, b, np.zeros(2, int), _EitherSideModel(0.98),
                                            step_count=4, target_error=0.05, max_step_count=400,
@@ -721,6 +721,18 @@ def test_warnings_name_cancelling_baselines_and_smoothgrads_shifted_output():
     assert "explains the noisy samples" in warning and "lower noise_sigma (0.1)" in warning
     assert _warnings("up", 0.01, 0.817, 0.0, np.array([CONVERGED, CONVERGED], object), np.array([9, 9]),
                      smooth, explained=0.81) == []  # a shift within 0.05 of the difference: nothing to say
+    (warning,) = _warnings("up", 0.5, 0.12, 0.10, np.array([DEGENERATE, DEGENERATE], object), np.array([5, 5]),
+                           smooth, explained=0.11)  # the input itself scores like the baseline: not the noise
+    assert "use another baseline" in warning and "noise_sigma" not in warning
+    (warning,) = _warnings("up", 3.0, 0.499, 0.5, np.array([RESOLUTION, CONVERGED], object), np.array([90, 40]),
+                           xrai, baseline_outputs=[0.999, 0.0])
+    assert "output jumps where no gradient sees it" in warning and "within 0.05" not in warning
+    cancelled, map_missed = _warnings("up", 0.08, 0.45, 0.5, np.array([LIMIT, LIMIT], object), np.array([400, 400]),
+                                      xrai, np.array([0.2, 0.2]), baseline_outputs=[0.9, 0.1])
+    assert "opposite signs" in cancelled and "map_target" in map_missed  # the map's miss is said too
+    (warning,) = _warnings("up", 0.08, 0.3, 0.4, np.array([LIMIT, LIMIT], object), np.array([400, 400]),
+                           xrai, baseline_outputs=[0.8, 0.0])  # a mean difference of 0.1 from 0.5 and 0.3
+    assert "score on either side" in warning and "one baseline asks less" in warning
     (warning,) = _warnings("up", 2e-6, 0.9, 0.1, np.array([LIMIT], object), np.array([24]),
                            parse_explanation_parameters({"integrated_gradients_attribution": {
                                "step_count": 5, "target_error": 1e-9, "max_step_count": 24}}).attribution)
