@@ -10,6 +10,11 @@ waiting request costs a thread, not the cores), at most ``max_waiting`` of them,
 ones finish in their own time. A request that finds the queue full, or whose deadline passes
 while it waits, is answered 503 at once with what it waited for: the client can retry, and the
 work already admitted is not slowed by it. A client that goes away while waiting leaves the queue.
+
+A waiting request holds a worker thread: the server sizes its thread pool to hold every running
+and waiting one with room to spare (:func:`serving.app.create_app`), so waiting explanations never
+keep ``:predict`` out of the pool. What is admitted is not re-estimated against the time it has
+left: one admitted near its deadline may still run past it (504).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class ExplanationSlots:
         start = time.monotonic()
         ticket = object()
         with self._changed:
-            if self._running >= self.slots and len(self._queue) >= self.max_waiting:
+            if len(self._queue) >= self.max_waiting and (self._running >= self.slots or self._queue):
                 raise ServerBusyError(
                     f"the server is busy: {self._running} explanations are running and {len(self._queue)} "
                     f"are waiting, the most it queues; retry later (--explain_concurrency and "
@@ -78,6 +83,8 @@ class ExplanationSlots:
                 raise
             self._queue.popleft()
             self._running += 1
+            if self._queue and self._running < self.slots:  # the next in line need not wait out a poll
+                self._changed.notify_all()
         try:
             yield
         finally:

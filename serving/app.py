@@ -37,6 +37,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -50,6 +51,9 @@ from serving.instances import Limits, RequestError, decode_instances, parse_json
 from serving.models import ModelCache, ServedModel
 
 log = logging.getLogger("serving")
+#: Worker threads kept for everything but explanations (:predict, GET, checking bodies), the
+#: size of anyio's default pool.
+THREADS_BESIDE_EXPLANATIONS = 40
 
 #: One path segment of a resource name (project, location, endpoint id): what Vertex allows.
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"
@@ -262,6 +266,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # every running and waiting explanation holds a worker thread: leave the pool room for the
+        # rest (anyio's default of 40 would let 5 explanations per core on 8 cores take it all)
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, slots.slots + slots.max_waiting + THREADS_BESIDE_EXPLANATIONS)
         if config.preload:  # in the background, so the port opens and health can say "loading"
             threading.Thread(target=preload, name="preload", daemon=True).start()
         yield
