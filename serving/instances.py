@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -98,10 +99,11 @@ def _no_constant(name: str) -> Any:
 
 
 def _bounded_int(text: str) -> int:
-    """A JSON integer, within Python's own limit on digits (4300), refused in words a client can
-    act on rather than Python's advice to call ``sys.set_int_max_str_digits()``."""
+    """A JSON integer, within Python's own limit on digits (``sys.get_int_max_str_digits()``),
+    refused in words a client can act on rather than Python's advice to call
+    ``sys.set_int_max_str_digits()``."""
     digits = len(text.lstrip("-"))
-    if digits > 4300:
+    if digits > sys.get_int_max_str_digits() > 0:
         raise ValueError(f"a number of {digits} digits ({text[:20]}...) is too long for any field")
     return int(text)
 
@@ -173,10 +175,12 @@ def _decode_instance(index: int, instance: Any, input_name: str, limits: Limits)
         raise RequestError(f"{where}: expected {{\"{input_name}\": {{\"b64\": <base64 image>}}}} or "
                            f"{{\"b64\": <base64 image>}}, got {got}")
     encoded = value["b64"]
+    if isinstance(encoded, str):  # line breaks carry nothing: MIME base64 (the base64 command's output) has them
+        encoded = encoded.translate(_BASE64_SPACE)
     if not isinstance(encoded, str) or not encoded:
         raise RequestError(f"{where}.b64: must be a non-empty base64 string")
-    try:  # line breaks carry nothing: MIME base64 (the base64 command's default output) has them
-        data = base64.b64decode(encoded.translate(_BASE64_SPACE), validate=True)
+    try:
+        data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"{where}.b64: invalid base64 ({e})") from e
     return prepare_image(data, where, limits)

@@ -394,6 +394,8 @@ def test_line_broken_base64_is_read_and_a_huge_integer_is_refused_in_plain_words
     plain = httpx.post(endpoint_url(served) + ":predict", json={"instances": [GOOD]}).json()
     response = httpx.post(endpoint_url(served) + ":predict", json=wrapped)
     assert response.status_code == 200 and response.json()["predictions"] == plain["predictions"]
+    spaces = httpx.post(endpoint_url(served) + ":predict", json={"instances": [{"b64": " \n "}]})
+    assert spaces.status_code == 400 and "must be a non-empty base64 string" in spaces.text
     huge = b'{"instances": [' + b"1" * 100_000 + b"]}"
     response = httpx.post(endpoint_url(served) + ":predict", content=huge,
                           headers={"Content-Type": "application/json"})
