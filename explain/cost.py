@@ -24,7 +24,8 @@ from explain.visualization import parse_visualization
 #: first try at a batch): XRAI integrates from two baselines (black and white), each path up to the
 #: adaptive cap of 400 evaluations, plus its region steps (about 20): 2 x 819 = 1638; default IG
 #: fits five images. On MobileNetV2 @ 192 (about 10-13 ms per evaluation on 2 cores, through the
-#: folded graph of :mod:`explain.folding`) the worst case is 20-26 s, within the 60 s deadline,
+#: folded graph of :mod:`explain.folding`) the worst case is 20-26 s running alone, within the 60 s
+#: deadline (explanations running at once share the cores: :mod:`serving.admission`),
 #: and a path at the cap keeps 400 gradients of 442 KB (177 MB; 0.7 GB for the four paths), while
 #: adaptive IG usually stops far below its cap; the request deadline bounds the rest.
 DEFAULT_EXPLAIN_BUDGET = 2000
