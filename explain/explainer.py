@@ -317,15 +317,17 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
             if return_raw:
                 feature["raw"] = shown.tolist()
             name = io.display_names[c]
+            warned = _warnings(name, error, instance, baseline, ig.stop_reasons[rows], ig.step_counts[rows],
+                               attribution, ig.map_errors[rows] if len(ig.map_errors) else None,
+                               explained=float(ig.instance_outputs[rows].mean()),
+                               baseline_outputs=ig.baseline_outputs[rows][:num_baselines].tolist())
+            if warned:  # also inside the attribution, whose feature map is a Struct the SDK keeps
+                feature["warnings"] = warned
             results[i]["attributions"].append({
                 "outputIndex": [int(c)], "outputDisplayName": name, "instanceOutputValue": instance,
                 "baselineOutputValue": baseline, "approximationError": error, "outputName": io.output_key,
                 "featureAttributions": {io.input_key: feature}})
-            results[i]["warnings"].extend(_warnings(
-                name, error, instance, baseline, ig.stop_reasons[rows], ig.step_counts[rows], attribution,
-                ig.map_errors[rows] if len(ig.map_errors) else None,
-                explained=float(ig.instance_outputs[rows].mean()),
-                baseline_outputs=ig.baseline_outputs[rows][:num_baselines].tolist()))
+            results[i]["warnings"].extend(warned)
         return results
     finally:
         for future in segments.values():

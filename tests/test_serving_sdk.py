@@ -93,3 +93,19 @@ def test_sdk_model_dir_mode(sdk_against, exported_model_dir, tmp_path):
         remote = aiplatform.Endpoint(name)
         assert remote.resource_name == name
         _check_predict_and_explain(remote, "1", "projects/local/locations/local/models/1")
+
+
+def test_sdk_users_see_the_warnings(sdk_against, exported_model_dir, tmp_path):
+    """Vertex's protos have no field for warnings, so the SDK drops the explanation's own list; each
+    attribution's warnings also ride in its feature map (a Struct), which the SDK keeps."""
+    capped = {"integratedGradientsAttribution": {"stepCount": 4, "targetError": 1e-9, "maxStepCount": 6}}
+    config = ServerConfig(backend=ModelDirBackend(exported_model_dir, capped), cache_dir=str(tmp_path / "cache"))
+    with running_server(config) as url:
+        sdk_against(url)
+        explained = aiplatform.Endpoint("projects/local/locations/us-central1/endpoints/1").explain(
+            instances=_instances())
+    for explanation in explained.explanations:
+        (attribution,) = explanation.attributions
+        warnings = list(dict(attribution.feature_attributions)["image"]["warnings"])
+        assert warnings and all(attribution.output_display_name in w for w in warnings)
+        assert any("max_step_count" in w or "not refined" in w for w in warnings), warnings
