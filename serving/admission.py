@@ -8,13 +8,15 @@ cost budget) on 2 cores all came back 504 after 60 s, having spent the whole min
 cores on work nobody received. Here at most ``slots`` run; the rest wait in arrival order (a
 waiting request costs a thread, not the cores), at most ``max_waiting`` of them, so the first
 ones finish in their own time. A request that finds the queue full, or whose deadline passes
-while it waits, is answered 503 at once with what it waited for: the client can retry, and the
+while it waits or leaves too little to start in (:data:`START_SHARE`), is answered 503 at once
+with what it waited for: the client can retry, and the
 work already admitted is not slowed by it. A client that goes away while waiting leaves the queue.
 
 A waiting request holds a worker thread: the server sizes its thread pool to hold every running
 and waiting one with room to spare (:func:`serving.app.create_app`), so waiting explanations never
-keep ``:predict`` out of the pool. What is admitted is not re-estimated against the time it has
-left: one admitted near its deadline may still run past it (504).
+keep ``:predict`` out of the pool. A request's own cost in time is not known before it runs
+(refinement usually stops far below the cap the budget counts), so one started with more than
+the floor left may still run past its deadline (504).
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ from serving.cancellation import CancellationToken, DeadlineExceeded
 
 #: How often a waiting request looks at its token (a disconnect or the server's shutdown).
 _POLL_S = 0.05
+#: A request whose turn comes with less than this share of its deadline left (and under
+#: :data:`START_FLOOR_S`) is answered 503 instead of started. Requests queued together share a
+#: deadline's length, so the one ahead often frees its slot by running past its own deadline,
+#: just before the next one's: started with a few hundred ms left, each ran into a 504 in turn
+#: (a 5 s deadline, one slot, three waiters: three 504s, no 503).
+START_SHARE = 0.25
+START_FLOOR_S = 5.0
+
+
+def _explanations(n: int) -> str:
+    return f"{n} explanation{'' if n == 1 else 's'}"
 
 
 class ServerBusyError(RuntimeError):
@@ -62,8 +75,8 @@ class ExplanationSlots:
         with self._changed:
             if len(self._queue) >= self.max_waiting and (self._running >= self.slots or self._queue):
                 raise ServerBusyError(
-                    f"the server is busy: {self._running} explanations are running and {len(self._queue)} "
-                    f"are waiting, the most it queues; retry later (--explain_concurrency and "
+                    f"the server is busy: {_explanations(self._running)} running and {len(self._queue)} "
+                    f"waiting, the most it queues; retry later (--explain_concurrency and "
                     f"--explain_queue set these)")
             self._queue.append(ticket)
             try:
@@ -77,6 +90,13 @@ class ExplanationSlots:
                             f"one of {self.slots} explanation slots and reached its deadline of "
                             f"{token.deadline_s:g} s before one came free; retry later") from None
                     self._changed.wait(_POLL_S if remaining is None else max(0.0, min(_POLL_S, remaining)))
+                remaining = token.remaining_s()
+                if remaining is not None and token.deadline_s and \
+                        remaining < min(START_SHARE * token.deadline_s, START_FLOOR_S):
+                    raise ServerBusyError(
+                        f"the server is busy: this explanation waited {time.monotonic() - start:.1f} s for one "
+                        f"of {self.slots} explanation slots and had {max(remaining, 0.0):.1f} s of its "
+                        f"{token.deadline_s:g} s deadline left, too little to start; retry later")
             except BaseException:
                 self._queue.remove(ticket)
                 self._changed.notify_all()

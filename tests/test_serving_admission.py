@@ -56,7 +56,7 @@ def test_a_full_queue_and_a_deadline_reached_while_waiting_are_busy_answers():
     _until(lambda: slots.running == 1)
     waiting = _start(slots, CancellationToken(deadline_s=2.0), order, "late", release)
     _until(lambda: slots.waiting == 1)
-    with pytest.raises(ServerBusyError, match="1 explanations are running and 1 are waiting"):
+    with pytest.raises(ServerBusyError, match="1 explanation running and 1 waiting"):
         with slots.slot(CancellationToken()):
             pass
     waiting[0].join(10)
@@ -66,6 +66,40 @@ def test_a_full_queue_and_a_deadline_reached_while_waiting_are_busy_answers():
     release.set()
     first[0].join(10)
     assert order == ["first"]
+
+
+class _ClockToken(CancellationToken):
+    """A token whose time left the test sets: what a turn finds, without racing a real clock."""
+
+    def __init__(self, left: float) -> None:
+        super().__init__(deadline_s=10.0)
+        self.left = left
+
+    def remaining_s(self) -> float:
+        return self.left
+
+    def check(self) -> None:
+        if self.cancelled:
+            super().check()
+
+
+def test_a_turn_that_comes_too_late_to_start_is_a_busy_answer():
+    """A request whose turn comes with under a quarter of its deadline left is not started (it
+    would run into a 504, as each of a queue with one deadline's length did in turn); one with
+    more is."""
+    slots, order, release = ExplanationSlots(1, 2), [], threading.Event()
+    first = _start(slots, CancellationToken(), order, "first", release)
+    _until(lambda: slots.running == 1)
+    late, in_time = _ClockToken(10.0), _ClockToken(10.0)
+    waiting = [_start(slots, late, order, "late", release), _start(slots, in_time, order, "in time", release)]
+    _until(lambda: slots.waiting == 2)
+    late.left, in_time.left = 2.0, 3.0  # 2.5 s is a quarter of 10 s
+    release.set()
+    for thread, _ in [first, *waiting]:
+        thread.join(10)
+    (error,) = waiting[0][1]
+    assert isinstance(error, ServerBusyError) and "had 2.0 s of its 10 s deadline left, too little to start" in str(error)
+    assert not waiting[1][1] and order == ["first", "in time"]
 
 
 def test_a_client_that_leaves_while_waiting_leaves_the_queue():
@@ -101,7 +135,7 @@ def test_the_server_answers_503_when_no_explanation_slot_comes_free(exported_mod
                             limits=Limits(request_deadline_s=deadline_s), explain_concurrency=1, explain_queue=queue)
 
     body = {"instances": [GOOD], "parameters": {}}
-    for queue, deadline_s, message in ((0, 60.0, "are waiting, the most it queues"),
+    for queue, deadline_s, message in ((0, 60.0, "waiting, the most it queues"),
                                        (1, 1.0, "reached its deadline of 1 s")):
         app = create_app(config(queue, deadline_s))
         with serving_app(app) as url:
