@@ -121,4 +121,4 @@ def check_cost(cost: RequestCost, budget: int, budget_name: str = "budget") -> N
         raise ExplanationCostError(
             f"this explanation may cost {cost.describe()}, over the server's limit of {budget} gradient "
             f"evaluations per request ({budget_name}); send fewer instances, explain fewer outputs or "
-            f"baselines, or lower step_count / max_step_count")
+            f"baselines, or lower max_step_count (step_count with target_error: null, fixed steps)")

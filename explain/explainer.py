@@ -121,12 +121,14 @@ def _figure(value: float) -> str:
 def _warnings(name: str, error: float, instance: float, baseline: float, reasons: np.ndarray,
               steps: np.ndarray, attribution: AttributionMethodConfig,
               map_errors: np.ndarray | None = None, explained: float | None = None,
-              baseline_outputs: Sequence[float] = ()) -> list[str]:
+              baseline_outputs: Sequence[float] = (), checked: float | None = None) -> list[str]:
     """What a user must know about one attribution, naming the cause and what to do.
 
     ``explained``: the mean output over the path ends the attribution explains (SmoothGrad's noisy
     samples; the input's ``instance`` without them); ``baseline_outputs``: each baseline's output
-    when there are several (``baseline`` is their mean, as Vertex reports it)."""
+    when there are several (``baseline`` is their mean, as Vertex reports it); ``checked``: the
+    attribution's sum against ``instance - baseline``, relative to it, as a user checks a response
+    (with SmoothGrad it differs from ``error``, which is against the noisy samples' output)."""
     out = []
     explained = instance if explained is None else explained
     noisy = attribution.smooth_grad is not None
@@ -161,12 +163,15 @@ def _warnings(name: str, error: float, instance: float, baseline: float, reasons
                    f"for an attribution whose sum can be checked, "
                    + ("use one baseline (baseline: black or white)" if len(baseline_outputs) > 1 else
                       "lower noise_sigma"))
-    elif noisy and shift >= 0.005 and shift + error > MAX_APPROXIMATION_ERROR:
+    elif noisy and shift >= 0.005 and (error + shift if checked is None else checked) > MAX_APPROXIMATION_ERROR:
         sigma = attribution.smooth_grad.noise_sigma
-        out.append(f"output {name!r}: {scored}, so the attribution explains the noisy samples and its sum differs "
-                   f"from instanceOutputValue - baselineOutputValue by {shift:.3g} of it on top of "
-                   f"approximationError, which more steps do not change; lower noise_sigma "
-                   f"({'per feature' if sigma is None else sigma})")
+        out.append(f"output {name!r}: {scored}, so the attribution explains the noisy samples: its sum differs "
+                   f"from instanceOutputValue - baselineOutputValue"
+                   + (f" by {checked:.3g} of it" if checked is not None else "")
+                   + f" (approximationError, {error:.3g}, is against the samples' {explained:.3f}), which more "
+                   f"steps do not change; lower noise_sigma ({'per feature' if sigma is None else sigma})"
+                   + (f"; the input and {scores} differ by only {abs(instance - baseline):.3f}: use another "
+                      f"baseline" if abs(instance - baseline) < MIN_OUTPUT_DELTA else ""))
     if attribution.map_target is not None and map_errors is not None and len(map_errors) \
             and float(np.max(map_errors)) > 1.01 * attribution.map_target:  # 1%: float32 recomputation
         judged = " (of its segments' mean attributions)" if attribution.method == XRAI_METHOD else ""
@@ -320,7 +325,9 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
             warned = _warnings(name, error, instance, baseline, ig.stop_reasons[rows], ig.step_counts[rows],
                                attribution, ig.map_errors[rows] if len(ig.map_errors) else None,
                                explained=float(ig.instance_outputs[rows].mean()),
-                               baseline_outputs=ig.baseline_outputs[rows][:num_baselines].tolist())
+                               baseline_outputs=ig.baseline_outputs[rows][:num_baselines].tolist(),
+                               checked=abs(float(attr.sum(dtype=np.float64)) - (instance - baseline))
+                               / max(abs(instance - baseline), float(np.finfo(np.float32).tiny)))
             if warned:  # also inside the attribution, whose feature map is a Struct the SDK keeps
                 feature["warnings"] = warned
             results[i]["attributions"].append({

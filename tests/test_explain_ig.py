@@ -717,8 +717,12 @@ def test_warnings_name_cancelling_baselines_and_smoothgrads_shifted_output():
                            smooth, explained=0.003)
     assert "noisy samples score 0.003 on average (the input 0.817)" in warning and "lower noise_sigma" in warning
     (warning,) = _warnings("up", 0.01, 0.817, 0.0, np.array([CONVERGED, CONVERGED], object), np.array([9, 9]),
-                           smooth, explained=0.6)
+                           smooth, explained=0.6, checked=0.27)
     assert "explains the noisy samples" in warning and "lower noise_sigma (0.1)" in warning
+    assert "by 0.27 of it (approximationError, 0.01, is against the samples' 0.600)" in warning
+    (warning,) = _warnings("up", 0.01, 0.5065, 0.4996, np.array([CONVERGED] * 6, object), np.array([9] * 6),
+                           smooth, explained=0.99, baseline_outputs=[0.999, 0.0], checked=70.4)
+    assert "by 70.4 of it" in warning and "differ by only 0.007: use another baseline" in warning
     assert _warnings("up", 0.01, 0.817, 0.0, np.array([CONVERGED, CONVERGED], object), np.array([9, 9]),
                      smooth, explained=0.81) == []  # a shift within 0.05 of the difference: nothing to say
     (warning,) = _warnings("up", 0.5, 0.12, 0.10, np.array([DEGENERATE, DEGENERATE], object), np.array([5, 5]),
