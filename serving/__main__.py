@@ -182,11 +182,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from serving.app import create_app
 
+    app = create_app(config)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which also tells the explanations still waiting for a slot that the
+        server is going away (503 at once, :meth:`serving.admission.ExplanationSlots.close`)
+        instead of starting them within the grace period; the app hears of SIGTERM only after it."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.slots.close("the server is shutting down")
+            super().handle_exit(sig, frame)
+
     # After SIGTERM uvicorn stops accepting, lets in-flight requests finish for the grace period,
     # then cancels them (their explanations stop within one chunk) and exits.
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=config.graceful_shutdown_s,
-                http=head_timeout_protocol(config.limits.head_timeout_s))
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=config.graceful_shutdown_s,
+                          http=head_timeout_protocol(config.limits.head_timeout_s))).run()
 
 
 if __name__ == "__main__":

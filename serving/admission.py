@@ -58,6 +58,7 @@ class ExplanationSlots:
         self._running = 0
         self._queue: collections.deque[object] = collections.deque()
         self._changed = threading.Condition()
+        self._closed: str | None = None
 
     @property
     def running(self) -> int:
@@ -67,12 +68,21 @@ class ExplanationSlots:
     def waiting(self) -> int:
         return len(self._queue)
 
+    def close(self, reason: str) -> None:
+        """Start nothing more: every waiting request, and every one that comes, is answered 503
+        with ``reason`` (a server going away); those running finish."""
+        with self._changed:
+            self._closed = reason
+            self._changed.notify_all()
+
     @contextlib.contextmanager
     def slot(self, token: CancellationToken) -> Iterator[None]:
         """Hold one slot for the block, after waiting for it in turn (until the token's deadline)."""
         start = time.monotonic()
         ticket = object()
         with self._changed:
+            if self._closed:
+                raise ServerBusyError(f"{self._closed}: this explanation was not started; retry")
             if len(self._queue) >= self.max_waiting and (self._running >= self.slots or self._queue):
                 raise ServerBusyError(
                     f"the server is busy: {_explanations(self._running)} running and {len(self._queue)} "
@@ -81,6 +91,9 @@ class ExplanationSlots:
             self._queue.append(ticket)
             try:
                 while self._running >= self.slots or self._queue[0] is not ticket:
+                    if self._closed:
+                        raise ServerBusyError(f"{self._closed}: this explanation was waiting for a slot and was "
+                                              f"not started; retry")
                     remaining = token.remaining_s()
                     try:
                         token.check()  # a disconnect or shutdown leaves the queue now

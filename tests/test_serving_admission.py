@@ -102,6 +102,24 @@ def test_a_turn_that_comes_too_late_to_start_is_a_busy_answer():
     assert not waiting[1][1] and order == ["first", "in time"]
 
 
+def test_a_closing_server_answers_the_waiting_at_once_and_lets_the_running_finish():
+    slots, order, release = ExplanationSlots(1, 2), [], threading.Event()
+    first = _start(slots, CancellationToken(), order, "first", release)
+    _until(lambda: slots.running == 1)
+    waiting = _start(slots, CancellationToken(), order, "waiting", release)
+    _until(lambda: slots.waiting == 1)
+    slots.close("the server is shutting down")
+    waiting[0].join(10)
+    (error,) = waiting[1]
+    assert isinstance(error, ServerBusyError) and "shutting down: this explanation was waiting" in str(error)
+    with pytest.raises(ServerBusyError, match="was not started"):
+        with slots.slot(CancellationToken()):
+            pass
+    release.set()
+    first[0].join(10)
+    assert not first[1] and order == ["first"]
+
+
 def test_a_client_that_leaves_while_waiting_leaves_the_queue():
     slots, order, release = ExplanationSlots(1, 2), [], threading.Event()
     first = _start(slots, CancellationToken(), order, "first", release)
