@@ -33,13 +33,15 @@ def top_area_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
 
 def saliency_ig_error(output, image: np.ndarray, c: int, reference: SignatureModel) -> float:
     """The approximation error of ``saliency.XRAI``'s integrated gradients averaged over its
-    baselines, as ours reports it (:meth:`IntegratedGradientsOutput.averaged_error`): the mean
+    baselines, as ours reports it (:func:`explain.integrated_gradients.averaged_error`): the mean
     attribution's sum against the input's output minus the baselines' mean output."""
+    from explain.integrated_gradients import averaged_error
+
     baselines = np.stack(output.baselines)
     probs = reference.predict(np.concatenate([image[None], baselines]))[:, c]
     gaps = probs[0] - probs[1:]
     sums = np.array([np.sum(a, dtype=np.float64) for a in output.ig_attribution])
-    return float(abs(np.sum(sums - gaps)) / max(abs(np.sum(gaps)), 1e-12))
+    return averaged_error(sums - gaps, gaps)
 
 
 def run(profile: Profile, assets: Assets, figures_dir: str) -> dict:

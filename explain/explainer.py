@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from explain.integrated_gradients import DEGENERATE, LIMIT, MIN_PANEL_WIDTH, RESOLUTION, IntegratedGradients
+from explain.integrated_gradients import (DEGENERATE, LIMIT, MIN_PANEL_WIDTH, RESOLUTION, IntegratedGradients,
+                                          averaged_error)
 from explain.model import ExplainableModel
 from explain.parameters import (MAX_BASELINES, XRAI_METHOD, AttributionMethodConfig, ExplanationConfig,
                                 ExplanationParametersError, parse_explanation_parameters, start_step_count)
@@ -326,8 +327,8 @@ def explain_images(model: ExplainableModel, images: np.ndarray, parameters: Mapp
                                attribution, ig.map_errors[rows] if len(ig.map_errors) else None,
                                explained=float(ig.instance_outputs[rows].mean()),
                                baseline_outputs=ig.baseline_outputs[rows][:num_baselines].tolist(),
-                               checked=abs(float(attr.sum(dtype=np.float64)) - (instance - baseline))
-                               / max(abs(instance - baseline), float(np.finfo(np.float32).tiny)))
+                               checked=averaged_error(float(attr.sum(dtype=np.float64)) - (instance - baseline),
+                                                      instance - baseline))
             if warned:  # also inside the attribution, whose feature map is a Struct the SDK keeps
                 feature["warnings"] = warned
             results[i]["attributions"].append({

@@ -152,13 +152,18 @@ class IntegratedGradientsOutput:
 
     def averaged_error(self, rows: slice | np.ndarray) -> float:
         """Vertex's approximation error of the mean of paths ``rows`` (one attribution averaged over
-        baselines or SmoothGrad's samples): |sum of the mean attribution - (mean F(x) - mean F(b))|
-        over |mean F(x) - mean F(b)|, the check a user makes from a response, whose baseline output
-        is the baselines' mean. The mean's error is the mean of the paths' signed errors: paths
-        whose differences have opposite signs (a black baseline scoring under the input, a white one
-        over it) leave a small difference to divide by."""
-        gap = abs(float(np.sum(self.instance_outputs[rows] - self.baseline_outputs[rows])))
-        return abs(float(np.sum(self.errors[rows]))) / max(gap, float(np.finfo(np.float32).tiny))
+        baselines or SmoothGrad's samples): :func:`averaged_error`."""
+        return averaged_error(self.errors[rows], self.instance_outputs[rows] - self.baseline_outputs[rows])
+
+
+def averaged_error(errors: np.ndarray | float, gaps: np.ndarray | float) -> float:
+    """The approximation error of an attribution averaged over paths with signed ``errors``
+    (sum(attr) - (F(x) - F(b))) and ``gaps`` (F(x) - F(b)): |sum of the mean attribution -
+    (mean F(x) - mean F(b))| over |mean F(x) - mean F(b)|, the check a user makes from a response,
+    whose baseline output is the baselines' mean. The mean's error is the mean of the paths' signed
+    errors: paths whose differences have opposite signs (a black baseline scoring under the input,
+    a white one over it) leave a small difference to divide by. One path: Vertex's own error."""
+    return abs(float(np.sum(errors))) / max(abs(float(np.sum(gaps))), float(np.finfo(np.float32).tiny))
 
 
 def _panels_to_split(residuals: np.ndarray, widths: np.ndarray, tolerance: float, signed: bool = True) -> list[int]:

@@ -70,7 +70,8 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--explain_queue", type=_non_negative_int,
                    default=environ.get("AIP_EXPLAIN_QUEUE") or None,
                    help="explanations waiting for a turn at most; more, and those whose deadline passes while "
-                        "they wait, are answered 503 (env AIP_EXPLAIN_QUEUE; default: 4 per running one)")
+                        "they wait or whose turn leaves under a quarter of it (up to 5 s), are answered 503 "
+                        "(env AIP_EXPLAIN_QUEUE; default: 4 per running one)")
     p.add_argument("--request_deadline_s", type=float,
                    default=float(environ.get("AIP_REQUEST_DEADLINE_S") or defaults.request_deadline_s),
                    help="each request's deadline: work still running then is stopped and answered 504 "
