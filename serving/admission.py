@@ -106,9 +106,10 @@ class ExplanationSlots:
                 remaining = token.remaining_s()
                 if remaining is not None and token.deadline_s and \
                         remaining < min(START_SHARE * token.deadline_s, START_FLOOR_S):
-                    raise ServerBusyError(
-                        f"the server is busy: this explanation waited {time.monotonic() - start:.1f} s for one "
-                        f"of {self.slots} explanation slots and had {max(remaining, 0.0):.1f} s of its "
+                    waited = time.monotonic() - start
+                    raise ServerBusyError(  # "busy" only if it was: the time may have gone before the queue
+                        f"{'the server is busy: ' if waited >= 0.05 else ''}this explanation waited {waited:.1f} s "
+                        f"for one of {self.slots} explanation slots and had {max(remaining, 0.0):.1f} s of its "
                         f"{token.deadline_s:g} s deadline left, too little to start; retry later")
             except BaseException:
                 self._queue.remove(ticket)

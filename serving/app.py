@@ -13,7 +13,8 @@ Paths, request and response bodies, and errors are Vertex's, so the official ``a
 What any client may send is bounded before work starts: routes match exactly (no redirects,
 405 for a wrong method), POST bodies must be JSON within a size, a read time and a nesting depth,
 images within a pixel budget, and an explanation within a cost budget in gradient evaluations
-(:mod:`explain.cost`). Work that starts is bounded in time: each request has a deadline, and an
+(:mod:`explain.cost`). Work that starts is bounded in time: each request has a deadline (which
+a version's one-time load on its first request does not use up), and an
 explanation stops within one chunk of gradient evaluations when the deadline passes, the client
 disconnects or the server shuts down (:mod:`serving.cancellation`). Every answer, errors
 included, is Vertex's JSON with the right 4xx, never an absolute path, and keeps the connection.
@@ -309,15 +310,19 @@ def create_app(config: ServerConfig) -> FastAPI:
             return batchers[key]
 
     def predict_rows(served: ServedModel, images: list[bytes], token: CancellationToken):
+        with token.not_counted():  # the version's first request loads it: the server's work, not the request's
+            served.signature()
         try:
             return batcher_for(served).submit(images, timeout_s=token.remaining_s())
         except TimeoutError:
             raise DeadlineExceeded(f"the request ran past its deadline of {token.deadline_s:g} s") from None
 
-    def resolve(name: str, deployed_model_id: Any = None) -> tuple[dict, dict, ServedModel]:
+    def resolve(name: str, deployed_model_id: Any = None,
+                token: CancellationToken | None = None) -> tuple[dict, dict, ServedModel]:
         endpoint = config.backend.endpoint(name)
         deployed = _pick_deployed_model(endpoint, deployed_model_id, rng)
-        return endpoint, deployed, cache.get(config.backend.version(deployed))
+        with token.not_counted() if token is not None else contextlib.nullcontext():  # a first fetch
+            return endpoint, deployed, cache.get(config.backend.version(deployed))
 
     def explained(served: ServedModel, images: list[bytes], parameters: dict, metadata: dict | None,
                   token: CancellationToken) -> list[dict]:
@@ -333,7 +338,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         except (ExplanationParametersError, ExplanationCostError) as e:
             raise RequestError(f"explanation parameters: {e}") from e
         token.check()
-        model = CancellableModel(served.explainable(), token)
+        with token.not_counted():  # loaded once per version (it traces the IG kernel): not the request's work
+            explainable = served.explainable()
+        model = CancellableModel(explainable, token)
         with slots.slot(token):  # in turn: a burst must not slow every explanation past its deadline
             try:
                 pixels = model.preprocess(images)
@@ -348,13 +355,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                 raise RequestError(f"explanation: {e}", code=500) from e
 
     def predict(name: str, body: dict[str, Any], token: CancellationToken) -> tuple[dict, dict, list]:
-        _, deployed, served = resolve(name)
+        _, deployed, served = resolve(name, token=token)
         images = decode_instances(body, served.input_name, config.limits)
         return deployed, served.version, predict_rows(served, images, token).tolist()
 
     def explain(name: str, body: dict[str, Any], token: CancellationToken) -> dict[str, Any]:
         deployed_id = body.get("deployedModelId", body.get("deployed_model_id"))
-        _, deployed, served = resolve(name, deployed_id)
+        _, deployed, served = resolve(name, deployed_id, token)
         images = decode_instances(body, served.input_name, config.limits)
         parameters, metadata = _explanation_request(body, served.version, config.explanation_parameters)
         explanations = explained(served, images, parameters, metadata, token)
@@ -364,7 +371,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     def container_predict(body: dict[str, Any], token: CancellationToken) -> dict[str, Any]:
         """Custom-container mode: every prediction carries its label and explanation."""
-        _, _, served = resolve("container")
+        _, _, served = resolve("container", token=token)
         images = decode_instances(body, served.input_name, config.limits)
         request_override = (body.get("parameters") or {}).get("explanationParameters")
         parameters, metadata = _explanation_request(

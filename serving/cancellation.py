@@ -12,9 +12,10 @@ by raising :class:`Cancelled` out of ``explain_images``; nothing is left running
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -54,6 +55,22 @@ class CancellationToken:
 
     def remaining_s(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()
+
+    @contextlib.contextmanager
+    def not_counted(self) -> Iterator[None]:
+        """The block's time is not the request's: the deadline moves on by as much.
+
+        For the server's own one-time work that a request happens to wait for, loading a model
+        version on its first use (seconds, a minute on a loaded 2-core machine). The deadline bounds
+        the work a request buys; counted against it, the load left a pipeline's first explanation
+        with nothing of its 60 s, and it was refused for work it never asked for."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._deadline is not None:
+                    self._deadline += time.monotonic() - start
 
     def check(self) -> None:
         """Raise :class:`Cancelled` if the work should stop now."""
