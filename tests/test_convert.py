@@ -11,6 +11,7 @@ import sys
 import trainer  # noqa: F401
 
 import numpy as np
+import tensorflow as tf
 import pytest
 from PIL import Image
 
@@ -74,6 +75,11 @@ def test_grayscale_rgba_palette_and_aspect_handling(tmp_path):
     pixels = load_and_resize(str(gray))
     assert pixels.shape == (*IMAGE_SIZE, 3) and pixels.dtype == np.uint8
     assert (pixels == 150).all()  # grey stays grey in all three channels
+    # 16-bit grayscale: scaled to 8 bits exactly as serving decodes the same file, not clipped to white.
+    deep = tmp_path / "gray16.png"
+    Image.fromarray(np.tile(np.arange(0, 65536, 256, dtype=np.uint16), (192, 1))[:, :192]).save(deep)
+    served = tf.io.decode_image(deep.read_bytes(), channels=3).numpy()
+    assert served.std() > 50 and (load_and_resize(str(deep)) == served).all()
     rgba = tmp_path / "rgba.png"
     Image.fromarray(np.dstack([np.full((20, 20, 3), 90, np.uint8), np.zeros((20, 20), np.uint8)])).save(rgba)
     assert (load_and_resize(str(rgba)) == 90).all()  # alpha dropped, as preprocess_image does
