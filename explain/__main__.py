@@ -64,4 +64,12 @@ def main(*image_files: str, model_dir: str, output_dir: str, method: str = "ig",
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    import sys
+
+    from explain.files import FilesNotExplained
+    from explain.model import ModelLoadError
+
+    try:
+        fire.Fire(main)
+    except (FilesNotExplained, ModelLoadError, ValueError) as e:  # said plainly, no traceback
+        sys.exit(f"error: {e}")

@@ -62,6 +62,7 @@ from tqdm import tqdm
 from explain.batch_io import (Record, Source, b64_instance, check_image, count_records, read_records,
                               resolve_input)
 from explain.parameters import DEFAULT_ADAPTIVE_START
+from trainer.data import tf_error_reason
 
 RESULTS_PREFIX = "prediction.results"
 ERRORS_PREFIX = "prediction.errors_stats"
@@ -186,7 +187,7 @@ class Engine:
             try:
                 outputs = self.signature(**{self.input_name: tf.constant([image])})
             except tf.errors.InvalidArgumentError as e:
-                batch.errors[i] = f"the model cannot decode this image: {str(e.message).splitlines()[0]}"
+                batch.errors[i] = f"the model cannot decode this image: {tf_error_reason(e)}"
                 continue
             kept.append(i)
             predictions.append(prediction_of(next(iter(outputs.values())).numpy()[0], self.labels))

@@ -25,7 +25,7 @@ import trainer  # noqa: F401  (legacy Keras before TensorFlow)
 import tensorflow as tf
 from PIL import Image
 
-from trainer.data import DataError, list_files
+from trainer.data import DataError, list_files, tf_error_reason
 from trainer.schema import FEATURE_IMAGE, SERVING_INPUT
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -189,7 +189,7 @@ def _read_tfrecords(files: tuple[str, ...]) -> Iterator[Record]:
         except tf.errors.OpError as e:  # truncated or corrupt file: report it, go on with the next file
             key = f"{path}#{index}"
             yield Record(key, {"key": key}, None, f"TFRecord file unreadable from record {index} on: "
-                                                  f"{e.message.splitlines()[0]}")
+                                                  f"{tf_error_reason(e)}")
 
 
 def instance_image(instance: Any) -> bytes:

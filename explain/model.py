@@ -47,6 +47,7 @@ from explain.lanes import run_in_lanes
 from explain.paths import LINEAR, SCALE_SPACE, frequency_squared
 from explain.sessions import SessionFunction
 from explain.sessions import cores as _cores
+from trainer.data import tf_error_reason
 from trainer.export import read_explanation_metadata, read_labels
 from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
                             XAI_MODEL_SIGNATURE, XAI_PREPROCESS_SIGNATURE)
@@ -158,7 +159,7 @@ class ExplainableModel:
                     fn(**{SERVING_INPUT: tf.constant([one], tf.string)})
                 except tf.errors.InvalidArgumentError as error:
                     raise ValueError(f"instance {i}: not a decodable image ({len(one)} bytes): "
-                                     f"{error.message.splitlines()[0]}") from None
+                                     f"{tf_error_reason(error)}") from None
             raise
         return next(iter(out.values())).numpy()
 

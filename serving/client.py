@@ -28,6 +28,11 @@ class EndpointError(RuntimeError):
     """The endpoint refused or failed a request; the message is the server's, with its status."""
 
 
+class BadRequestError(EndpointError, ValueError):
+    """HTTP 400: the request itself (an instance, a parameter) was refused. A ``ValueError``, so
+    :func:`explain.files.explain_files` sends each file alone to name the bad one."""
+
+
 def _override(method: str | None, step_count: int | None, top_k: int | None) -> dict[str, Any] | None:
     if method is None and step_count is None and top_k is None:
         return None
@@ -64,7 +69,8 @@ def endpoint_explainer(endpoint_url: str, override: Mapping[str, Any] | None = N
             if response.status_code == 400 and _OVER_BUDGET in detail and len(images) > 1:
                 half = len(images) // 2  # the server's cost budget is per request: send fewer images
                 return [*explain(images[:half]), *explain(images[half:])]
-            raise EndpointError(f"{url} answered HTTP {response.status_code}: {detail}")
+            error_type = BadRequestError if response.status_code == 400 else EndpointError
+            raise error_type(f"{url} answered HTTP {response.status_code}: {detail}")
         return response.json()["explanations"]
 
     return explain
@@ -98,6 +104,14 @@ def main(*image_files: str, output_dir: str, endpoint_url: str | None = None, mo
 
 
 if __name__ == "__main__":
+    import sys
+
     import fire
 
-    fire.Fire(main, serialize=lambda paths: "\n".join(paths))
+    from explain.files import FilesNotExplained
+    from explain.model import ModelLoadError
+
+    try:
+        fire.Fire(main, serialize=lambda paths: "\n".join(paths))
+    except (FilesNotExplained, EndpointError, ModelLoadError, ValueError) as e:  # said plainly, no traceback
+        sys.exit(f"error: {e}")

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from serving.instances import RequestError
+from trainer.data import tf_error_reason
 from trainer.export import read_signature_defs
 from trainer.schema import SERVING_INPUT, SERVING_SIGNATURE
 
@@ -128,7 +129,7 @@ class ServedModel:
                     function(**{self.input_name: tf.constant([image])})
                 except tf.errors.InvalidArgumentError as e:
                     raise RequestError(f"instances[{i}]: the model cannot decode this image: "
-                                       f"{str(e.message).splitlines()[0]}") from e
+                                       f"{tf_error_reason(e)}") from e
             raise
 
 

@@ -48,10 +48,31 @@ def test_client_writes_three_panel_figures(endpoint_url, tmp_path):
     assert all(len(s["attributions"]) == 2 for s in summary)  # top_k reached the server
 
 
-def test_client_reports_the_servers_error(endpoint_url, tmp_path):
+def test_a_bad_file_costs_its_own_figure_only(endpoint_url, exported_model_dir, tmp_path):
+    """Through the endpoint and locally: the good files are explained, the bad one is named with
+    the server's (or the model's) reason, in explanations.json and in the error raised at the end."""
+    from explain.files import FilesNotExplained
+
     bad = tmp_path / "not_an_image.jpg"
     bad.write_bytes(b"plain text, not a JPEG")
-    with pytest.raises(EndpointError, match=r"HTTP 400: INVALID_ARGUMENT: instances\[1\]"):
-        main(*_images(tmp_path, 1), str(bad), endpoint_url=endpoint_url, output_dir=str(tmp_path / "out"))
+    good = _images(tmp_path, 2)
+    for where, kwargs, reason in (("remote", {"endpoint_url": endpoint_url}, "HTTP 400: INVALID_ARGUMENT: instances[0]"),
+                                  ("local", {"model_dir": exported_model_dir}, "Unknown image file format")):
+        out = tmp_path / where
+        with pytest.raises(FilesNotExplained) as raised:
+            main(good[0], str(bad), good[1], str(tmp_path / "missing.jpg"), output_dir=str(out), batch_size=4, **kwargs)
+        assert f"2 of 4 image file(s) could not be explained: {bad}: " in str(raised.value)
+        assert reason in str(raised.value) and "No such file" in str(raised.value)
+        summary = json.loads((out / "explanations.json").read_text())
+        assert [s["file"] for s in summary if "figure" in s] == good and all(
+            (out / f"flower_{i}_{'endpoint' if where == 'remote' else 'ig'}.png").exists() for i in range(2))
+        assert [s["file"] for s in summary if "error" in s] == [str(bad), str(tmp_path / "missing.jpg")]
     with pytest.raises(ValueError, match="exactly one of"):
         main(str(bad), output_dir=str(tmp_path / "out"))
+
+
+def test_the_endpoint_refusing_every_request_is_not_blamed_on_the_files(tmp_path):
+    """A server that is not there (or overloaded) is the run's error, raised at once."""
+    with pytest.raises(EndpointError, match="ConnectError"):
+        main(*_images(tmp_path, 2), endpoint_url="http://127.0.0.1:9/v1/projects/p/locations/l/endpoints/1",
+             output_dir=str(tmp_path / "out"))

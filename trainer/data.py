@@ -27,9 +27,14 @@ class DataError(ValueError):
     """Training data that cannot be used: the message names the file (and record) and the problem."""
 
 
-def _tf_message(exc: tf.errors.OpError) -> str:
-    """The human part of a TensorFlow error (without the ``{{function_node ...}}`` and ``[Op:...]`` noise)."""
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", exc.message.splitlines()[0] if exc.message else str(exc))
+def tf_error_reason(exc: tf.errors.OpError) -> str:
+    """The human part of a TensorFlow error: in graph mode its first line is only "Graph execution
+    error:", and the reason ("Unknown image file format...") comes after the node's stack; the
+    ``{{function_node ...}}``, ``[[{{node ...}}]]`` and ``[Op:...]`` noise is dropped."""
+    lines = [line.strip() for line in str(exc.message or exc).splitlines()]
+    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[{{node", "File \"")
+    text = next((line for line in lines if line and not line.startswith(noise)), lines[0] if lines else "")
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
     return re.sub(r"\s*\[Op:.*$", "", text).strip()
 
 
@@ -80,7 +85,7 @@ def list_files(pattern: str) -> list[str]:
         try:
             matched = tf.io.gfile.glob(part)
         except tf.errors.OpError as exc:
-            raise DataError(f"{part}: cannot list files ({_tf_message(exc)})") from exc
+            raise DataError(f"{part}: cannot list files ({tf_error_reason(exc)})") from exc
         if not matched:
             raise DataError(f"{part}: no files match this pattern (missing directory or empty glob)")
         files.extend(f for f in sorted(matched) if f not in files)
@@ -127,7 +132,7 @@ def _check_record(record: bytes, num_classes: int, where: str) -> None:
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
         raise DataError(f"{where}: feature {FEATURE_IMAGE!r} is not an image that can be decoded "
                         f"({len(image_bytes)} bytes, starting {image_bytes[:8]!r}: "
-                        f"{_tf_message(exc)})") from exc
+                        f"{tf_error_reason(exc)})") from exc
     one_hot = list(feats[FEATURE_ONE_HOT].float_list.value)
     if len(one_hot) != num_classes:
         raise DataError(f"{where}: class count does not match the head: {FEATURE_ONE_HOT!r} has {len(one_hot)} "
@@ -155,7 +160,7 @@ def validate_files(files: list[str], num_classes: int, records_per_file: int = 2
         try:
             records = [r.numpy() for r in tf.data.TFRecordDataset(path).take(records_per_file)]
         except tf.errors.OpError as exc:
-            raise DataError(f"{path}: not a readable TFRecord file ({_tf_message(exc)})") from exc
+            raise DataError(f"{path}: not a readable TFRecord file ({tf_error_reason(exc)})") from exc
         if not records:
             raise DataError(f"{path}: holds no records")
         for index, record in enumerate(records):
