@@ -50,6 +50,7 @@ from serving.batching import Batcher, BatchingParameters, QueueFullError
 from serving.cancellation import CancellableModel, Cancelled, CancellationToken, ClientGone, DeadlineExceeded
 from serving.instances import Limits, RequestError, decode_instances, parse_json_body
 from serving.models import ModelCache, ServedModel
+from serving.storage import DamagedFileError
 
 log = logging.getLogger("serving")
 #: Worker threads kept for everything but explanations (:predict, GET, checking bodies), the
@@ -489,6 +490,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             response = JSONResponse(_error_json(code, str(e)), status_code=code)
         except (QueueFullError, ServerBusyError) as e:
             response = JSONResponse(_error_json(503, str(e)), status_code=503)
+        except DamagedFileError as e:  # the server's data, not the client's request: named in the log
+            log.error("%s", e)
+            response = JSONResponse(_error_json(500, f"the registry's file {e.path.parent.name}/{e.path.name} is "
+                                                     "damaged; see the server log"), status_code=500)
         except Exception:  # noqa: BLE001  (a bug: logged with an id the answer quotes, no details leak)
             incident = secrets.token_hex(4)
             log.exception("internal error %s on %s %s", incident, request.method, request.scope["path"][:200])

@@ -24,13 +24,29 @@ from typing import Any, Iterator
 TEMP_SUFFIX = ".tmp"
 
 
+class DamagedFileError(ValueError):
+    """A file that is not the JSON this module wrote: its writes are atomic, so it was truncated or
+    edited outside it. The message names the file; ``path`` is it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{path}: damaged, {reason}. Its writer replaces it atomically, so it was changed "
+                         "outside it (an edit, a copy cut short): restore it from a backup, or remove the "
+                         "resource it describes")
+
+
 def read_json(path: Path, default: Any = None) -> Any:
-    """The parsed file, or ``default`` when it does not exist."""
+    """The parsed file, or ``default`` when it does not exist; :class:`DamagedFileError` if it is
+    not JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         return default
+    except json.JSONDecodeError as e:
+        raise DamagedFileError(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise DamagedFileError(path, "not UTF-8 text") from None
 
 
 def write_json_atomic(path: Path, value: Any, indent: int = 2) -> None:

@@ -340,3 +340,36 @@ def test_registry_server_keeps_only_the_deployed_versions_loaded(exported_model_
             assert answer.status_code == 200, answer.text
             assert [key[1] for key in app.state.models.keys()] == [version["versionId"]]
             assert [key[1] for key in app.state.batchers] == [version["versionId"]]
+
+
+def test_a_damaged_registry_file_is_named(exported_model_dir, tmp_path, caplog):
+    """A registry file cut short outside the registry (its own writes are atomic) is named by path,
+    to the CLI's caller and in the server's log; the server answers 500 naming the file (not its
+    absolute path) and serves again once the file is restored."""
+    import base64
+
+    import httpx
+
+    from serving.app import ServerConfig, create_app
+    from serving.backends import RegistryBackend
+    from serving.storage import DamagedFileError
+    from serving.testing import serving_app
+
+    registry = Registry(tmp_path / "registry")
+    version = registry.upload_version("flowers", exported_model_dir)
+    registry.rollout("e", f"{version['name']}@1")
+    endpoint = registry.list_endpoints("e")[0]["name"]
+    model_file = tmp_path / "registry" / "models" / f"{version['name'].rsplit('/', 1)[1]}.json"
+    whole = model_file.read_bytes()
+    model_file.write_bytes(whole[:40])
+    with pytest.raises(DamagedFileError, match=f"{model_file}: damaged, not valid JSON"):
+        registry.get_model(version["name"])
+    app = create_app(ServerConfig(backend=RegistryBackend(registry), cache_dir=str(tmp_path / "cache")))
+    body = {"instances": [{"bytes_inputs": {"b64": base64.b64encode(_jpeg()).decode()}}]}
+    with serving_app(app) as url:
+        answer = httpx.post(f"{url}/v1/{endpoint}:predict", json=body, timeout=60)
+        assert answer.status_code == 500, answer.text
+        assert f"models/{model_file.name} is damaged" in answer.json()["error"]["message"]
+        assert str(tmp_path) not in answer.text and f"{model_file}: damaged" in caplog.text
+        model_file.write_bytes(whole)
+        assert httpx.post(f"{url}/v1/{endpoint}:predict", json=body, timeout=60).status_code == 200
