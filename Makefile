@@ -69,8 +69,6 @@ batch-explain: venv ## Explain every instance of INPUT (folder, glob, TFRecords 
 
 demo: data backbone ## The main job offline: sample data -> the whole local pipeline -> an explained prediction figure
 	$(RUN) -m pipeline.run_local --config $(CONFIG)
-	@echo "Demo done: the explained prediction is runs/pipeline/explained_prediction.png;"
-	@echo "make serve answers :predict and :explain for the endpoint it deployed (README, Local endpoint)"
 
 compile: venv ## Write the pipeline spec for CONFIG to artifacts/flowers_pipeline.yaml
 	$(RUN) -m pipeline.compile --config $(CONFIG)

@@ -53,12 +53,33 @@ def publish_explanation(root: str) -> str:
     return root
 
 
+def outcome(root: str) -> str:
+    """What the newest run under ``root`` did, in a sentence: deployed (and where its explained
+    prediction is), or refused by the gate and why. A refusal ends a run with status SUCCESS (it is
+    a decision, not a failure), which is easy to miss in the step logs."""
+    import glob
+    import json
+
+    runs = sorted(glob.glob(os.path.join(root, "*-*-*-*")), key=os.path.getmtime)
+    try:
+        with open(os.path.join(runs[-1], "evaluate-op", "executor_output.json")) as f:
+            decision = json.load(f)["parameterValues"]
+    except (IndexError, OSError, ValueError, KeyError):
+        return f"Pipeline finished; artifacts under {root}"
+    if not decision.get("deploy"):
+        return (f"The gate refused the new model ({decision.get('reason', 'no reason recorded')}): nothing was "
+                f"deployed, and the serving version, if any, keeps its traffic. Artifacts under {runs[-1]}")
+    return (f"Deployed ({decision.get('reason', '')}). The explained prediction is "
+            f"{os.path.join(root, 'explained_prediction.png')}; make serve answers :predict and :explain for "
+            "the endpoint (README, Local endpoint)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from pipeline.cli import parse
 
     cfg, args = parse("python -m pipeline.run_local", "Run the whole pipeline offline with kfp.local.", argv,
                       lambda p: p.add_argument("--pipeline_root", default="", help="default: local.work_dir"))
-    print(f"Pipeline finished; artifacts under {run_local(cfg, args.pipeline_root)}")
+    print(outcome(run_local(cfg, args.pipeline_root)))
 
 
 if __name__ == "__main__":

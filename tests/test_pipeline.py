@@ -103,8 +103,24 @@ def test_gate_refuses_below_threshold_worse_than_champion_and_fails_closed():
     assert gate(0.99, 0.8, unreadable, require_not_worse=False)[0] is True  # no comparison asked for
 
 
+def test_a_refused_run_says_so_and_leaves_no_stale_figure(tmp_path):
+    """A gate refusal ends the run with status SUCCESS; the last line says it was refused and why,
+    and the previous run's explained prediction is not left where the demo points."""
+    from pipeline.run_local import outcome, publish_explanation
+
+    run = tmp_path / "flowers-xai-2026-11-30-18-00-00-000000"
+    (run / "evaluate-op").mkdir(parents=True)
+    reason = "refuse: accuracy 0.5800 < threshold 0.8000"
+    (run / "evaluate-op" / "executor_output.json").write_text(
+        json.dumps({"parameterValues": {"deploy": False, "reason": reason}}))
+    (tmp_path / "explained_prediction.png").write_bytes(b"\x89PNG stale")
+    publish_explanation(str(tmp_path))
+    assert not (tmp_path / "explained_prediction.png").exists()
+    assert outcome(str(tmp_path)).startswith(f"The gate refused the new model ({reason}): nothing was deployed")
+
+
 def test_whole_pipeline_offline_ends_with_an_explained_prediction(sample_data, backbone_dir, tmp_path):
-    from pipeline.run_local import run_local
+    from pipeline.run_local import outcome, run_local
 
     cfg = load_config(os.path.join(ROOT, "configs/local.yaml"), [
         f"data.train_data_path={sample_data['train_pattern']}", f"data.eval_data_path={sample_data['eval_pattern']}",
@@ -116,6 +132,7 @@ def test_whole_pipeline_offline_ends_with_an_explained_prediction(sample_data, b
         "explanation.parameters={integrated_gradients_attribution: {step_count: 8, max_step_count: 24}}",
         "gate.min_accuracy=0.5"])
     root = run_local(cfg)
+    assert outcome(root).startswith("Deployed (deploy: accuracy") and "explained_prediction.png" in outcome(root)
     summary = json.load(open(os.path.join(root, "explained_prediction.json")))
     assert open(os.path.join(root, "explained_prediction.png"), "rb").read(4) == b"\x89PNG"
     assert summary["predicted"] in ("daisy", "dandelion", "roses", "sunflowers", "tulips")
