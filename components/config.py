@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -224,6 +225,10 @@ _LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _DURATION_RE = re.compile(r"^\d+(\.\d+)?s$")
 
 
+#: Numbers PyYAML's YAML 1.1 resolver reads as strings: an exponent without a dot (``1e-3``).
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -247,8 +252,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
         return value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # 1e-3 is a number in YAML 1.2 and to every reader; PyYAML (1.1) reads a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):  # .nan / .inf pass YAML, then fail far away (a protobuf error naming nothing)
+            raise ConfigError(f"{where}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if value is None:

@@ -21,10 +21,18 @@ STEPS = ["train-op", "export-signatures-op", "evaluate-op", "upload-model-op", "
     ("deploy.target=somewhere", "deploy.target"),
     ("explanation.parameters={integrated_gradients_attribution: {step_count: 500}}", "step_count"),
     ("schedule.cron=daily", "schedule.cron"),
+    ("training.learning_rate=.nan", "training.learning_rate: expected a finite number, got nan"),
+    ("gate.min_accuracy=-.inf", "gate.min_accuracy: expected a finite number"),
 ])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(os.path.join(ROOT, "configs/local.yaml"), [override])
+
+
+def test_an_exponent_without_a_dot_is_a_number():
+    """``1e-3`` is a string to PyYAML (YAML 1.1) and a number to a user."""
+    cfg = load_config(os.path.join(ROOT, "configs/local.yaml"), ["training.learning_rate=1e-3"])
+    assert cfg.training.learning_rate == 0.001
 
 
 def test_both_configs_load():
