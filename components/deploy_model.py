@@ -16,8 +16,12 @@ import fire
 def deploy_model(model: str, endpoint_display_name: str, backend: str = "local", traffic_percentage: int = 100,
                  machine_type: str = "n1-standard-4", min_replica_count: int = 1, max_replica_count: int = 1,
                  registry_dir: str = "", project: str = "", location: str = "", api_endpoint: str = "",
-                 service_account: str = "") -> dict[str, Any]:
-    """Deploy ``model`` ("<resource>@<version>"); returns {"endpoint", "deployed_model_id", "undeployed"}."""
+                 service_account: str = "", champion: str | None = None) -> dict[str, Any]:
+    """Deploy ``model`` ("<resource>@<version>"); returns {"endpoint", "deployed_model_id", "undeployed"}.
+
+    ``champion`` is the version the gate compared ``model`` with ("" for none): if the endpoint
+    serves another one by now (a second run deployed in between), the step is refused
+    (``ChampionChangedError``) instead of replacing a version this model was never compared with."""
     if backend == "vertex":
         from components import vertex
 
@@ -25,14 +29,14 @@ def deploy_model(model: str, endpoint_display_name: str, backend: str = "local",
                                    min_replica_count=min_replica_count, max_replica_count=max_replica_count,
                                    traffic_percentage=traffic_percentage, service_account=service_account or None,
                                    undeploy_previous=traffic_percentage == 100, project=project, location=location,
-                                   api_endpoint=api_endpoint or None)
+                                   api_endpoint=api_endpoint or None, champion=champion)
 
     from serving.registry import Registry
 
     result = Registry(registry_dir).rollout(endpoint_display_name, model, traffic_percentage=traffic_percentage,
                                             display_name=endpoint_display_name, machine_type="local",
                                             min_replica_count=min_replica_count,
-                                            max_replica_count=max_replica_count)
+                                            max_replica_count=max_replica_count, champion=champion)
     print(f"Deployed {model} to {result['endpoint']} as {result['deployed_model_id']}"
           f"{' (already deployed)' if result['reused'] else ''}; undeployed {result['undeployed'] or 'none'}")
     return {k: result[k] for k in ("endpoint", "deployed_model_id", "undeployed", "reused")}

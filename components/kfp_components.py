@@ -86,16 +86,20 @@ def upload_model_op(approved: bool, exported: Input[Model], display_name: str, m
 
 def deploy_model_op(model_name: str, endpoint_display_name: str, backend: str, traffic_percentage: int,
                     machine_type: str, min_replica_count: int, max_replica_count: int, registry_dir: str,
-                    project: str, location: str, api_endpoint: str, service_account: str) -> str:
+                    project: str, location: str, api_endpoint: str, service_account: str,
+                    comparison_json: str = "") -> str:
     """Deploy to the endpoint with that display name; returns the endpoint's resource name."""
     if not model_name:
         print("deploy skipped: nothing was uploaded (the gate did not approve)")
         return ""
+    import json
+
     from components.deploy_model import deploy_model
 
+    champion = json.loads(comparison_json).get("champion", "") if comparison_json else None
     return deploy_model(model_name, endpoint_display_name, backend, traffic_percentage, machine_type,
                         min_replica_count, max_replica_count, registry_dir, project, location, api_endpoint,
-                        service_account)["endpoint"]
+                        service_account, champion)["endpoint"]
 
 
 def explain_smoke_op(endpoint: str, eval_data_path: str, backend: str, registry_dir: str, project: str,

@@ -314,7 +314,7 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
                  service_account: str | None = None, undeploy_previous: bool = True, *, project: str,
                  location: str, api_endpoint: str | None = None,
                  credentials: auth_credentials.Credentials | None = None,
-                 deployed_model_display_name: str | None = None) -> dict[str, Any]:
+                 deployed_model_display_name: str | None = None, champion: str | None = None) -> dict[str, Any]:
     """Deploy a model version (``.../models/ID@VERSION``, or the default version without ``@``) to the
     endpoint named ``endpoint_display_name`` (reused, or created), giving it ``traffic_percentage``.
 
@@ -323,6 +323,9 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
     models left with no traffic are undeployed when ``undeploy_previous``; a canary below 100% keeps
     the versions that still carry traffic, and ``default`` where it was. A version already deployed
     on the endpoint is not deployed again (a retried step finishes the job instead).
+    With ``champion`` (the version the gate compared with, "" for none), the deploy is refused if the
+    endpoint serves another version (``serving.registry.check_champion``); Vertex has no lock to hold
+    over the deploy, so the check is made just before it, which narrows the race to that moment.
     Returns ``{"endpoint", "deployed_model_id", "undeployed", "reused"}``.
     """
     if not 0 <= traffic_percentage <= 100:
@@ -333,6 +336,11 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
                                       api_endpoint=api_endpoint, credentials=credentials)
     model = aiplatform.Model(model_resource_name)
     deployed_before = endpoint.list_models()
+    if champion is not None:
+        from serving.registry import check_champion
+
+        check_champion(f"{model.resource_name}@{model.version_id}", champion,
+                       [f"{d.model}@{d.model_version_id}" for d in deployed_before])
     before = {deployed.id for deployed in deployed_before}
     already = [d.id for d in deployed_before
                if d.model == model.resource_name and d.model_version_id == model.version_id]

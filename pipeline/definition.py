@@ -101,7 +101,9 @@ def build_pipeline(cfg: Config):
                                        traffic_percentage=traffic_percentage, machine_type=cfg.deploy.machine_type,
                                        min_replica_count=cfg.deploy.min_replica_count,
                                        max_replica_count=cfg.deploy.max_replica_count,
-                                       service_account=g.service_account, **common).set_display_name("deploy_model")
+                                       service_account=g.service_account,
+                                       comparison_json=gate.outputs["comparison_json"],  # the champion it beat
+                                       **common).set_display_name("deploy_model")
         smoke = ops["explain_smoke"](endpoint=deployed.output, eval_data_path=eval_data_path,
                                      deploy_target=deploy_target, **common).set_display_name("explain_smoke")
         for task in [*tasks, trained, exported, gate, uploaded, deployed, smoke]:

@@ -59,6 +59,23 @@ _CLASSIFICATION_METRICS_SCHEMA = (
 EXPLANATION_METADATA_FILE = "explanation_metadata.json"  # == trainer.schema's; no TF import here
 
 
+class ChampionChangedError(RuntimeError):
+    """The endpoint serves a version the gate did not compare the challenger with: not deployed."""
+
+
+def check_champion(challenger: str, champion: str, serving: Iterable[str]) -> None:
+    """Refuse to deploy ``challenger`` (``<model>@<version>``) when the endpoint serves a version
+    other than ``champion``, the one this run's gate compared it with ("" for none): two runs
+    scored against the same champion must not both deploy, the second replacing the first's
+    version without ever being compared with it. The Vertex deploy makes the same check."""
+    others = sorted({s for s in serving} - {challenger, champion})
+    if others:
+        compared = f"the gate compared it with {champion}" if champion else "the gate found no serving version"
+        raise ChampionChangedError(
+            f"not deploying {challenger}: the endpoint now serves {', '.join(others)}, deployed since this run's "
+            f"evaluation ({compared}). It stays uploaded, not deployed; the next run compares against what serves")
+
+
 class RegistryError(LookupError, ValueError):
     """A resource that does not exist or a request the registry refuses; the message says which."""
 
@@ -491,12 +508,16 @@ class Registry:
 
     def rollout(self, endpoint_display_name: str, model_name: str, *, traffic_percentage: int = 100,
                 display_name: str = "", machine_type: str = "local", min_replica_count: int = 1,
-                max_replica_count: int = 1) -> dict:
+                max_replica_count: int = 1, champion: str | None = None) -> dict:
         """The pipeline's deploy, as one step under the endpoint's lock: deploy ``model_name``
         (``<model>@<version>``) to the endpoint called ``endpoint_display_name`` (created once);
         with all the traffic, move the ``default`` alias to it (it now serves) and undeploy every
         other model there. A version already deployed is reused, so running the step again after a
         kill finishes the job instead of deploying twice.
+
+        With ``champion`` (``<model>@<version>`` the gate compared against, ``""`` for none), the
+        step is refused (:class:`ChampionChangedError`) if the endpoint serves anything else: another
+        run deployed in between, and this challenger was never compared with it.
 
         Returns ``{"endpoint", "deployed_model_id", "model", "undeployed", "reused"}``.
         """
@@ -504,6 +525,8 @@ class Registry:
             version = self.get_model(model_name)
             versioned = f"{version['name']}@{version['versionId']}"
             endpoint = self.get_or_create_endpoint(endpoint_display_name)
+            if champion is not None:
+                check_champion(versioned, champion, [d["model"] for d in endpoint["deployedModels"]])
             current = next((d for d in endpoint["deployedModels"] if d["model"] == versioned), None)
             reused = current is not None
             if current is None:

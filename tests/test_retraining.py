@@ -23,7 +23,7 @@ from components.deploy_model import deploy_model
 from components.evaluate import evaluate
 from components.metrics_schema import CLASSIFICATION_METRICS_SCHEMA, accuracy_from_schema_metrics
 from components.upload_model import upload_model
-from serving.registry import Registry
+from serving.registry import ChampionChangedError, Registry
 from tests.vertex_rest_stub import running_vertex_stub
 
 PARAMS = {"integrated_gradients_attribution": {"step_count": 8}}
@@ -81,7 +81,8 @@ def eval_sets(sample_data, tmp_path_factory) -> dict[str, str]:
             "E2": _write_subset(sample_data, E2, str(root / "e2" / "part-0.tfrec"))}
 
 
-def _run(export_dir: str, eval_data: str, backend: dict, allow_first_deploy: bool = False) -> dict:
+def _run(export_dir: str, eval_data: str, backend: dict, allow_first_deploy: bool = False,
+         deploy: bool = True) -> dict:
     """The pipeline after training: the gate, then (if it says so) upload and deploy."""
     gate = evaluate(export_dir, eval_data, 0.05, model_display_name="flowers", margin=0.0,
                     allow_first_deploy=allow_first_deploy, **backend["evaluate"])
@@ -89,8 +90,44 @@ def _run(export_dir: str, eval_data: str, backend: dict, allow_first_deploy: boo
         return {"gate": gate}
     uploaded = upload_model(export_dir, "flowers", gate["metrics"], PARAMS, comparison=gate["comparison"],
                             **backend["upload"])
-    deployed = deploy_model(uploaded["model"], "flowers-endpoint", **backend["deploy"])
+    if not deploy:
+        return {"gate": gate, "uploaded": uploaded}
+    deployed = deploy_model(uploaded["model"], "flowers-endpoint", champion=gate["comparison"]["champion"],
+                            **backend["deploy"])
     return {"gate": gate, "uploaded": uploaded, "deployed": deployed}
+
+
+def _serving(backend: dict) -> list[str]:
+    """``<model>@<version>`` of every model deployed on the one endpoint."""
+    if backend["deploy"]["backend"] == "local":
+        (endpoint,) = Registry(backend["registry"]).list_endpoints()
+        return [d["model"] for d in endpoint["deployedModels"]]
+    (endpoint,) = backend["stub"].state.endpoints.values()
+    return [f"{d['model']}@{d['modelVersionId']}" for d in endpoint["deployedModels"]]
+
+
+@pytest.mark.parametrize("kind", ["local", "vertex"])
+def test_two_runs_scored_against_one_champion_do_not_both_deploy(kind, request, models, eval_sets, tmp_path):
+    """Two scheduled runs at once: both gates compare with A and approve, both upload. The first to
+    deploy serves; the second is refused, since it was never compared with what now serves."""
+    backend = request.getfixturevalue(kind)
+    place = (lambda d, run: _in_bucket(backend, d, run)) if kind == "vertex" else (  # each run its own export
+        lambda d, run: shutil.copytree(d, tmp_path / run))
+    first = _run(place(models["A"], "run-1"), eval_sets["E1"], backend, allow_first_deploy=True)
+    early, late = (_run(place(models["B"], run), eval_sets["E2"], backend, deploy=False) for run in ("run-2", "run-3"))
+    champion = first["uploaded"]["model"]
+    assert early["gate"]["comparison"]["champion"] == late["gate"]["comparison"]["champion"] == champion
+    deploy_model(early["uploaded"]["model"], "flowers-endpoint", champion=champion, **backend["deploy"])
+    with pytest.raises(ChampionChangedError, match=f"the endpoint now serves {early['uploaded']['model']}, "
+                                                   f"deployed since this run's evaluation \\(the gate compared it with"):
+        deploy_model(late["uploaded"]["model"], "flowers-endpoint", champion=champion, **backend["deploy"])
+    assert _serving(backend) == [early["uploaded"]["model"]]
+    # A first deploy that finds another run's first version serving is refused the same way.
+    with pytest.raises(ChampionChangedError, match="the gate found no serving version"):
+        deploy_model(late["uploaded"]["model"], "flowers-endpoint", champion="", **backend["deploy"])
+    # The retried step of the run that did deploy finishes (its own version is not "another").
+    deploy_model(early["uploaded"]["model"], "flowers-endpoint", champion=champion, **backend["deploy"])
+    assert _serving(backend) == [early["uploaded"]["model"]]
 
 
 # ------------------------------------------------------------------------------------------------ local
