@@ -64,7 +64,8 @@ def evaluate_export(export_dir: str, eval_data_path: str, batch_size: int = 64) 
     for batch in ds:
         probs.append(serve(**{names.serving_input: batch[FEATURE_IMAGE]})[names.serving_output].numpy())
         y_true.append(batch[FEATURE_CLASS].numpy())
-    return classification_metrics(np.concatenate(y_true), np.concatenate(probs), read_labels(export_dir))
+    probs = np.concatenate(probs)
+    return classification_metrics(np.concatenate(y_true), probs, read_labels(export_dir, probs.shape[-1]))
 
 
 def find_champion(backend: str, model_display_name: str, registry_dir: str = "", project: str = "",

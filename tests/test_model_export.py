@@ -90,3 +90,12 @@ def test_fine_tuning_unfreezes_only_the_top_layers(backbone_dir):
     assert "Conv_1_bn/gamma:0" in names and "Conv_1/kernel:0" in names  # MobileNetV2's last 1x1 conv
     assert not any("moving_" in n for n in names)
     assert len(names) == 2 + 3  # Conv_1 kernel + Conv_1_bn gamma/beta, plus the head
+
+
+def test_labels_that_do_not_match_the_outputs_are_refused_by_name(tmp_path):
+    from trainer.export import read_labels
+
+    (tmp_path / "labels.txt").write_text("daisy\nroses\ntulips\n")
+    assert read_labels(str(tmp_path)) == ["daisy", "roses", "tulips"] == read_labels(str(tmp_path), 3)
+    with pytest.raises(ValueError, match=f"{tmp_path}/labels.txt: 3 labels for the model's 5 outputs"):
+        read_labels(str(tmp_path), 5)

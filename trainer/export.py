@@ -128,10 +128,16 @@ def write_labels(export_dir: str, labels: Sequence[str]) -> None:
         f.write("\n".join(labels) + "\n")
 
 
-def read_labels(export_dir: str) -> list[str]:
-    """Class labels written beside an exported model, in output order."""
-    with tf.io.gfile.GFile(posixpath.join(export_dir, LABELS_FILE)) as f:
-        return [line.strip() for line in f if line.strip()]
+def read_labels(export_dir: str, num_outputs: int | None = None) -> list[str]:
+    """Class labels written beside an exported model, in output order; with ``num_outputs`` (the
+    model's), a file with another count is refused by name, not met later as an IndexError."""
+    path = posixpath.join(export_dir, LABELS_FILE)
+    with tf.io.gfile.GFile(path) as f:
+        labels = [line.strip() for line in f if line.strip()]
+    if num_outputs is not None and len(labels) != num_outputs:
+        raise ValueError(f"{path}: {len(labels)} labels for the model's {num_outputs} outputs (one label per "
+                         "line, in output order)")
+    return labels
 
 
 def read_explanation_metadata(export_dir: str) -> dict[str, Any]:
