@@ -79,11 +79,21 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
-def _walk(directory: str) -> list[str]:
-    files = []
+def _walk(directory: str, exclude: str | None = None) -> list[str]:
+    """The input files under ``directory``; the others are named in a warning, not dropped silently
+    (a folder of .webp or .tiff photos would otherwise explain nothing and say nothing)."""
+    files, others = [], []
     for root, _, names in tf.io.gfile.walk(directory):
-        files.extend(posixpath.join(root, n) if root.startswith("gs://") else f"{root.rstrip('/')}/{n}"
-                     for n in names if _kind_of(n) is not None)
+        for name in names:
+            path = posixpath.join(root, name) if root.startswith("gs://") else f"{root.rstrip('/')}/{name}"
+            if _kind_of(name) is not None:
+                files.append(path)
+            elif not (exclude and path.startswith(exclude.rstrip("/") + "/")):  # the run's own output
+                others.append(path)
+    if others:
+        warnings.warn(f"{directory}: skipped {len(others)} file(s) of other types (e.g. {others[0]}); input is "
+                      f"images {IMAGE_EXTENSIONS}, TFRecords {TFRECORD_EXTENSIONS} or JSONL {JSONL_EXTENSIONS}",
+                      stacklevel=2)
     return files
 
 
@@ -98,7 +108,7 @@ def resolve_input(spec: str, exclude: str | None = None) -> Source:
     files: list[str] = []
     for part in parts:
         if tf.io.gfile.isdir(part):
-            matched = _walk(part)
+            matched = _walk(part, exclude)
             if not matched:
                 raise BatchInputError(f"{part}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
                                       f"TFRecords or JSONL files")

@@ -22,7 +22,7 @@ import tensorflow as tf
 from PIL import Image
 
 from explain.batch import MANIFEST_FILE, BatchResumeError, explain_batch
-from explain.batch_io import BatchInputError
+from explain.batch_io import BatchInputError, resolve_input
 from serving.app import ServerConfig
 from serving.backends import ModelDirBackend
 from serving.testing import running_server
@@ -158,6 +158,10 @@ def test_bad_input_and_mismatched_resume_fail_clearly(tmp_path, image_folder, ex
     with pytest.raises(BatchInputError, match="mixes"):
         explain_batch(str(image_folder), str(tmp_path / "o"), exported_model_dir, IG, progress=False)
     (image_folder / "x.tfrec").unlink()
+    (image_folder / "photo.webp").write_bytes(b"RIFF")  # a type the batch does not read: named, not dropped silently
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) of other types \(e.g. .*photo.webp\)"):
+        assert all(not f.endswith(".webp") for f in resolve_input(str(image_folder)).files)
+    (image_folder / "photo.webp").unlink()
     out = tmp_path / "o2"
     explain_batch(str(image_folder), str(out), exported_model_dir, explain=False, shard_size=4, progress=False)
     with pytest.raises(BatchResumeError, match="explain"):
