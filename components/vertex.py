@@ -339,7 +339,9 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
     if champion is not None:
         from serving.registry import check_champion
 
+        default = aiplatform.Model(model.resource_name, version="default")
         check_champion(f"{model.resource_name}@{model.version_id}", champion,
+                       f"{default.resource_name}@{default.version_id}",
                        [f"{d.model}@{d.model_version_id}" for d in deployed_before])
     before = {deployed.id for deployed in deployed_before}
     already = [d.id for d in deployed_before

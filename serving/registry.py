@@ -60,20 +60,28 @@ EXPLANATION_METADATA_FILE = "explanation_metadata.json"  # == trainer.schema's; 
 
 
 class ChampionChangedError(RuntimeError):
-    """The endpoint serves a version the gate did not compare the challenger with: not deployed."""
+    """The champion changed since the gate compared the challenger with it: not deployed."""
 
 
-def check_champion(challenger: str, champion: str, serving: Iterable[str]) -> None:
-    """Refuse to deploy ``challenger`` (``<model>@<version>``) when the endpoint serves a version
-    other than ``champion``, the one this run's gate compared it with ("" for none): two runs
-    scored against the same champion must not both deploy, the second replacing the first's
-    version without ever being compared with it. The Vertex deploy makes the same check."""
-    others = sorted({s for s in serving} - {challenger, champion})
-    if others:
-        compared = f"the gate compared it with {champion}" if champion else "the gate found no serving version"
+def check_champion(challenger: str, champion: str, default: str, serving: Iterable[str]) -> None:
+    """Refuse to deploy ``challenger`` (``<model>@<version>``) when the champion changed since this
+    run's gate compared it with ``champion`` ("" for none): two runs scored against one champion
+    must not both deploy, the second replacing the first's version without ever being compared
+    with it. The champion is the model's ``default`` version (it moves only when a version takes all
+    the traffic, so a canary changes nothing); with none, the endpoint must serve nothing else.
+    ``default`` equal to the challenger is this run's own deploy, retried after a kill. The Vertex
+    deploy makes the same check."""
+    if champion and default not in (champion, challenger):
         raise ChampionChangedError(
-            f"not deploying {challenger}: the endpoint now serves {', '.join(others)}, deployed since this run's "
-            f"evaluation ({compared}). It stays uploaded, not deployed; the next run compares against what serves")
+            f"not deploying {challenger}: the serving (default) version is now {default}, not {champion} that this "
+            "run's gate compared it with; another run deployed in between. It stays uploaded, not deployed; the "
+            "next run compares against what serves")
+    others = sorted(set(serving) - {challenger})
+    if not champion and others:
+        raise ChampionChangedError(
+            f"not deploying {challenger}: the endpoint now serves {', '.join(others)}, deployed after this run's "
+            "evaluation, where the gate found no serving version; another run deployed in between. It stays uploaded, not deployed; the "
+            "next run compares against what serves")
 
 
 class RegistryError(LookupError, ValueError):
@@ -526,7 +534,9 @@ class Registry:
             versioned = f"{version['name']}@{version['versionId']}"
             endpoint = self.get_or_create_endpoint(endpoint_display_name)
             if champion is not None:
-                check_champion(versioned, champion, [d["model"] for d in endpoint["deployedModels"]])
+                default = self.get_model(version["name"])
+                check_champion(versioned, champion, f"{default['name']}@{default['versionId']}",
+                               [d["model"] for d in endpoint["deployedModels"]])
             current = next((d for d in endpoint["deployedModels"] if d["model"] == versioned), None)
             reused = current is not None
             if current is None:

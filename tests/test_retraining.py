@@ -118,8 +118,8 @@ def test_two_runs_scored_against_one_champion_do_not_both_deploy(kind, request, 
     champion = first["uploaded"]["model"]
     assert early["gate"]["comparison"]["champion"] == late["gate"]["comparison"]["champion"] == champion
     deploy_model(early["uploaded"]["model"], "flowers-endpoint", champion=champion, **backend["deploy"])
-    with pytest.raises(ChampionChangedError, match=f"the endpoint now serves {early['uploaded']['model']}, "
-                                                   f"deployed since this run's evaluation \\(the gate compared it with"):
+    with pytest.raises(ChampionChangedError, match=f"the serving \\(default\\) version is now "
+                                                   f"{early['uploaded']['model']}, not {champion}"):
         deploy_model(late["uploaded"]["model"], "flowers-endpoint", champion=champion, **backend["deploy"])
     assert _serving(backend) == [early["uploaded"]["model"]]
     # A first deploy that finds another run's first version serving is refused the same way.
@@ -128,6 +128,10 @@ def test_two_runs_scored_against_one_champion_do_not_both_deploy(kind, request, 
     # The retried step of the run that did deploy finishes (its own version is not "another").
     deploy_model(early["uploaded"]["model"], "flowers-endpoint", champion=champion, **backend["deploy"])
     assert _serving(backend) == [early["uploaded"]["model"]]
+    # A canary does not move the champion: a run compared with it may deploy beside it.
+    deploy_model(late["uploaded"]["model"], "flowers-endpoint", traffic_percentage=20,
+                 champion=early["uploaded"]["model"], **backend["deploy"])
+    assert sorted(_serving(backend)) == sorted([early["uploaded"]["model"], late["uploaded"]["model"]])
 
 
 # ------------------------------------------------------------------------------------------------ local
