@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from explain.visualization import decode_jpeg_b64, save_explanation_figure
+from trainer.pixels import eight_bit
 
 #: encoded images -> one ``{"attributions": [...], "warnings": [...]}`` per image.
 ExplainFn = Callable[[list[bytes]], list[Mapping[str, Any]]]
@@ -51,13 +52,20 @@ def _read(path: str) -> bytes:
         raise ValueError(f"cannot read image file: {error.strerror}") from None
 
 
+#: How a refusal names the instance at fault: locally ``instance 3: ...``, from an endpoint ``instances[3]...``.
+_NAMES_AN_INSTANCE = re.compile(r"\binstance \d+:|\binstances\[\d+\]")
+
+
 def _explain_each(explain_fn: ExplainFn, paths: list[str], encoded: list[bytes]) -> list[Mapping[str, Any] | str]:
-    """``explain_fn`` on the batch; if the batch is refused (a bad instance: ``ValueError``), each
-    file alone, so the bad ones are named and the rest explained. A refusal that is not about an
-    instance (the endpoint down, overloaded) is raised: every file would meet it."""
+    """``explain_fn`` on the batch; if the batch is refused for an instance (a ``ValueError`` that
+    names one), each file alone, so the bad ones are named and the rest explained. A refusal that
+    is not about an instance (bad parameters, the endpoint down or overloaded) is raised: every file
+    would meet it."""
     try:
         return list(explain_fn(encoded))
     except ValueError as error:
+        if not _NAMES_AN_INSTANCE.search(str(error)):  # bad parameters: every file would meet it
+            raise
         if len(encoded) == 1:
             return [re.sub(r"^instance 0: ", "", str(error))]
     return [_explain_each(explain_fn, [p], [e])[0] for p, e in zip(paths, encoded)]
@@ -112,7 +120,7 @@ def _write(path: str, data: bytes, explanation: Mapping[str, Any], output_dir: s
     mask = decode_jpeg_b64(feature["b64_jpeg"])
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            image = np.asarray(opened.convert("RGB").resize(mask.shape[1::-1]))
+            image = np.asarray(eight_bit(opened).convert("RGB").resize(mask.shape[1::-1]))
     except (OSError, Image.DecompressionBombError) as error:  # the model read it; PIL cannot draw it
         raise ValueError(f"explained, but the figure cannot show this image: {error}") from None
     title = (f"{Path(path).name}: {attribution['outputDisplayName']} "

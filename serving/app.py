@@ -332,9 +332,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         from explain.cost import ExplanationCostError, check_cost, request_cost
         from trainer.export import read_explanation_metadata
 
+        with token.not_counted():  # the labels are checked against the model, loaded once per version
+            labels = served.labels
         try:
             cost = request_cost(parameters, len(images), metadata or read_explanation_metadata(served.model_dir),
-                                served.labels)
+                                labels)
             check_cost(cost, config.explain_budget, "--explain_budget / AIP_EXPLAIN_BUDGET")
         except (ExplanationParametersError, ExplanationCostError) as e:
             raise RequestError(f"explanation parameters: {e}") from e

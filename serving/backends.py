@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from serving.instances import RequestError
 from serving.registry import PARENT, Registry, RegistryError
+from serving.storage import DamagedFileError
 from trainer.schema import DEFAULT_ADAPTIVE_START
 
 #: The model-dir mode's one deployed model id (and its model's id).
@@ -38,6 +39,8 @@ class RegistryBackend:
     def endpoint(self, name: str) -> dict[str, Any]:
         try:
             return self.registry.get_endpoint(name)
+        except DamagedFileError:  # the server's data: a 500 naming the file (serving.app), not "not found"
+            raise
         except (RegistryError, OSError, ValueError) as e:  # OSError: a name the file system refuses
             raise RequestError(str(e) if isinstance(e, RegistryError) else f"endpoint {name[:200]!r} not found",
                                404, "NOT_FOUND") from e

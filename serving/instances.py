@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from trainer.pixels import eight_bit
+
 #: What ``tf.io.decode_image`` (trainer.preprocess) decodes; anything else would fail in the graph.
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP"})
 
@@ -260,8 +262,7 @@ def _downscale(image: Image.Image, max_pixels: int) -> Image.Image:
     """``image`` as 8-bit RGB, reduced by an integer factor (box filter) to at most ``max_pixels``."""
     pixels = image.size[0] * image.size[1]
     factor = math.ceil(math.sqrt(pixels / max_pixels)) if pixels > max_pixels else 1
-    if image.mode.startswith("I"):  # 16-bit grey: keep the top byte, as decoding to uint8 does
-        image = Image.fromarray((np.asarray(image, np.uint32) >> 8).astype(np.uint8))
+    image = eight_bit(image)  # 16-bit grey: the high byte, as TensorFlow decodes the file
     if image.mode not in ("RGB", "RGBA", "L", "LA"):  # palette and 1-bit images cannot be reduced
         image = image.convert("RGB")
     if factor > 1:  # before converting, so no second full-size copy is made

@@ -111,9 +111,9 @@ class ServedModel:
     @property
     def labels(self) -> list[str]:
         if self._labels is None:
-            from trainer.export import read_labels
+            from trainer.export import num_outputs, read_labels
 
-            self._labels = read_labels(self.model_dir)
+            self._labels = read_labels(self.model_dir, num_outputs(self.signature()))
         return self._labels
 
     def predict(self, images: list[bytes]) -> np.ndarray:

@@ -69,6 +69,10 @@ def test_a_bad_file_costs_its_own_figure_only(endpoint_url, exported_model_dir, 
         assert [s["file"] for s in summary if "error" in s] == [str(bad), str(tmp_path / "missing.jpg")]
     with pytest.raises(ValueError, match="exactly one of"):
         main(str(bad), output_dir=str(tmp_path / "out"))
+    # Parameters no file could be explained with are the run's error, said once, not each file's.
+    with pytest.raises(ValueError, match="step_count") as raised:
+        main(*good, model_dir=exported_model_dir, step_count=500, output_dir=str(tmp_path / "params"))
+    assert not isinstance(raised.value, FilesNotExplained)
 
 
 def test_the_endpoint_refusing_every_request_is_not_blamed_on_the_files(tmp_path):

@@ -373,3 +373,7 @@ def test_a_damaged_registry_file_is_named(exported_model_dir, tmp_path, caplog):
         assert str(tmp_path) not in answer.text and f"{model_file}: damaged" in caplog.text
         model_file.write_bytes(whole)
         assert httpx.post(f"{url}/v1/{endpoint}:predict", json=body, timeout=60).status_code == 200
+        endpoint_file = tmp_path / "registry" / "endpoints" / f"{endpoint.rsplit('/', 1)[1]}.json"
+        endpoint_file.write_text(endpoint_file.read_text()[:30])  # the endpoint's own file: not "not found"
+        answer = httpx.post(f"{url}/v1/{endpoint}:predict", json=body, timeout=60)
+        assert answer.status_code == 500 and f"endpoints/{endpoint_file.name} is damaged" in answer.text, answer.text

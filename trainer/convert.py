@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from trainer.data import make_example, shard_paths
+from trainer.pixels import eight_bit
 from trainer.schema import IMAGE_SIZE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -58,24 +59,10 @@ def load_and_resize(path: str, image_size: tuple[int, int] = IMAGE_SIZE, crop: b
     with Image.open(path) as img:
         img.draft("RGB", (w, h))  # JPEG: decode at the smallest scale >= the target (much faster)
         img.load()  # a full decode: truncated files fail here, not later in training
-        rgb = _eight_bit(img).convert("RGB")
+        rgb = eight_bit(img).convert("RGB")
     if rgb.size != (w, h):
         rgb = ImageOps.fit(rgb, (w, h), Image.BILINEAR) if crop else rgb.resize((w, h), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
-
-
-def _eight_bit(img: Image.Image) -> Image.Image:
-    """A 16-bit or float single-channel image scaled to 8 bits, as ``tf.io.decode_image`` scales
-    a 16-bit PNG at serving time (its high byte). PIL's own ``convert("RGB")`` clips such an image at
-    255: a 16-bit grayscale photo became solid white in training and stayed a photo in serving."""
-    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
-        return img
-    values = np.asarray(img, dtype=np.float64)
-    if img.mode == "F" and values.size and np.nanmax(values) <= 1.0:
-        values = values * 255.0  # floats in [0, 1]
-    elif img.mode != "F" and (img.mode.startswith("I;16") or (values.size and values.max() > 255)):
-        values = np.floor(values / 256.0)  # 16-bit range: the high byte, as TensorFlow decodes it
-    return Image.fromarray(np.clip(np.nan_to_num(np.rint(values)), 0, 255).astype(np.uint8), "L")
 
 
 def _split(files_by_class: dict[int, list[str]], validation_split: float,

@@ -128,6 +128,12 @@ def write_labels(export_dir: str, labels: Sequence[str]) -> None:
         f.write("\n".join(labels) + "\n")
 
 
+def num_outputs(function: Any) -> int | None:
+    """The class count of a single-output signature (its output's last dimension), if static."""
+    (output,) = function.structured_outputs.values()
+    return output.shape[-1]
+
+
 def read_labels(export_dir: str, num_outputs: int | None = None) -> list[str]:
     """Class labels written beside an exported model, in output order; with ``num_outputs`` (the
     model's), a file with another count is refused by name, not met later as an IndexError."""
