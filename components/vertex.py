@@ -324,8 +324,8 @@ def deploy_model(model_resource_name: str, endpoint_display_name: str, machine_t
     the versions that still carry traffic, and ``default`` where it was. A version already deployed
     on the endpoint is not deployed again (a retried step finishes the job instead).
     With ``champion`` (the version the gate compared with, "" for none), the deploy is refused if the
-    endpoint serves another version (``serving.registry.check_champion``); Vertex has no lock to hold
-    over the deploy, so the check is made just before it, which narrows the race to that moment.
+    champion changed (``serving.registry.check_champion``). Vertex has no lock to hold over the
+    deploy, so the check is made before it starts: two deploys that overlap (minutes each) both pass.
     Returns ``{"endpoint", "deployed_model_id", "undeployed", "reused"}``.
     """
     if not 0 <= traffic_percentage <= 100:

@@ -36,15 +36,22 @@ def run_local(cfg: Config, pipeline_root: str = "") -> str:
     return publish_explanation(root)
 
 
+def _newest_run(root: str) -> str:
+    """The newest run directory kfp.local made under ``root`` (``<pipeline>-<timestamp>``), or ""."""
+    import glob
+
+    runs = sorted(glob.glob(os.path.join(root, "*-*-*-*")), key=os.path.getmtime)
+    return runs[-1] if runs else ""
+
+
 def publish_explanation(root: str) -> str:
     """Copy this run's explained prediction to ``root/explained_prediction.png`` (where the demo
     says it is); when the gate stopped the run there is none, and a stale copy is removed."""
-    import glob
     import shutil
 
-    runs = sorted(glob.glob(os.path.join(root, "*-*-*-*")), key=os.path.getmtime)
+    newest = _newest_run(root)
     for name in ("explained_prediction.png", "explained_prediction.json"):
-        produced = os.path.join(runs[-1], "explain-smoke-op", name) if runs else ""
+        produced = os.path.join(newest, "explain-smoke-op", name) if newest else ""
         published = os.path.join(root, name)
         if produced and os.path.exists(produced):
             shutil.copy(produced, published)
@@ -57,18 +64,17 @@ def outcome(root: str) -> str:
     """What the newest run under ``root`` did, in a sentence: deployed (and where its explained
     prediction is), or refused by the gate and why. A refusal ends a run with status SUCCESS (it is
     a decision, not a failure), which is easy to miss in the step logs."""
-    import glob
     import json
 
-    runs = sorted(glob.glob(os.path.join(root, "*-*-*-*")), key=os.path.getmtime)
+    newest = _newest_run(root)
     try:
-        with open(os.path.join(runs[-1], "evaluate-op", "executor_output.json")) as f:
+        with open(os.path.join(newest, "evaluate-op", "executor_output.json")) as f:
             decision = json.load(f)["parameterValues"]
-    except (IndexError, OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError):
         return f"Pipeline finished; artifacts under {root}"
     if not decision.get("deploy"):
         return (f"The gate refused the new model ({decision.get('reason', 'no reason recorded')}): nothing was "
-                f"deployed, and the serving version, if any, keeps its traffic. Artifacts under {runs[-1]}")
+                f"deployed, and the serving version, if any, keeps its traffic. Artifacts under {newest}")
     return (f"Deployed ({decision.get('reason', '')}). The explained prediction is "
             f"{os.path.join(root, 'explained_prediction.png')}; make serve answers :predict and :explain for "
             "the endpoint (README, Local endpoint)")

@@ -132,6 +132,10 @@ def test_two_runs_scored_against_one_champion_do_not_both_deploy(kind, request, 
     deploy_model(late["uploaded"]["model"], "flowers-endpoint", traffic_percentage=20,
                  champion=early["uploaded"]["model"], **backend["deploy"])
     assert sorted(_serving(backend)) == sorted([early["uploaded"]["model"], late["uploaded"]["model"]])
+    # ... and a later run compared with it deploys at 100% (the canary beside it is not another run's deploy).
+    deploy_model(first["uploaded"]["model"], "flowers-endpoint", champion=early["uploaded"]["model"],
+                 **backend["deploy"])
+    assert _serving(backend) == [first["uploaded"]["model"]]
 
 
 # ------------------------------------------------------------------------------------------------ local
