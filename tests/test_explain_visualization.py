@@ -77,7 +77,10 @@ def test_cli_writes_figures(exported_model_dir, tmp_path, monkeypatch):
     assert sorted(p.split("/")[-1] for p in figures) == ["flower0_ig.png", "flower1_ig.png"]
     summary = json.loads((out / "explanations.json").read_text())
     assert [s["attributions"][0]["outputName"] for s in summary] == ["probabilities"] * 2
-    with pytest.raises(ValueError, match="cannot read image file"):
+    from explain.files import FilesNotExplained
+
+    with pytest.raises(FilesNotExplained, match="1 of 1 image file.* could not be explained: .*missing.jpg: "
+                                                "cannot read image file"):
         cli_main(str(tmp_path / "missing.jpg"), model_dir=exported_model_dir, output_dir=str(out))
     import explain.__main__ as cli
 
