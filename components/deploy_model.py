@@ -19,9 +19,10 @@ def deploy_model(model: str, endpoint_display_name: str, backend: str = "local",
                  service_account: str = "", champion: str | None = None) -> dict[str, Any]:
     """Deploy ``model`` ("<resource>@<version>"); returns {"endpoint", "deployed_model_id", "undeployed"}.
 
-    ``champion`` is the version the gate compared ``model`` with ("" for none): if the endpoint
-    serves another one by now (a second run deployed in between), the step is refused
-    (``ChampionChangedError``) instead of replacing a version this model was never compared with."""
+    ``champion`` is the version the gate compared ``model`` with ("" for none): if the champion
+    changed since (a second run deployed in between; ``serving.registry.check_champion``), the step
+    is refused (``ChampionChangedError``) instead of replacing a version this model was never
+    compared with."""
     if backend == "vertex":
         from components import vertex
 

@@ -67,9 +67,8 @@ if __name__ == "__main__":
     import sys
 
     from explain.files import FilesNotExplained
-    from explain.model import ModelLoadError
 
     try:
         fire.Fire(main)
-    except (FilesNotExplained, ModelLoadError, ValueError) as e:  # said plainly, no traceback
+    except (FilesNotExplained, ValueError) as e:  # ModelLoadError is one; said plainly, no traceback
         sys.exit(f"error: {e}")

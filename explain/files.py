@@ -80,30 +80,28 @@ def explain_files(image_files: Sequence[str], explain_fn: ExplainFn, output_dir:
     if not image_files:
         raise ValueError("no image files given")
     os.makedirs(output_dir, exist_ok=True)
-    figures, summary, failures = [], [], []
+    figures, summary, failed = [], [], []  # failed: (index, file, reason)
     with tqdm(total=len(image_files), desc="explaining", unit="image", disable=len(image_files) < 3) as progress:
         for lo in range(0, len(image_files), batch_size):
-            paths, encoded = [], []
-            for path in image_files[lo:lo + batch_size]:
+            read: list[tuple[int, str, bytes]] = []
+            for index, path in enumerate(image_files[lo:lo + batch_size], lo):
                 try:
-                    encoded.append(_read(path))
-                    paths.append(path)
+                    read.append((index, path, _read(path)))
                 except ValueError as error:
-                    failures.append((path, str(error)))
-            results = _explain_each(explain_fn, paths, encoded) if paths else []
-            for path, data, explanation in zip(paths, encoded, results):
+                    failed.append((index, path, str(error)))
+            results = _explain_each(explain_fn, [p for _, p, _ in read], [d for _, _, d in read]) if read else []
+            for (index, path, data), explanation in zip(read, results):
                 try:
                     if isinstance(explanation, str):
                         raise ValueError(explanation)
                     figure, entry = _write(path, data, explanation, output_dir, suffix)
                 except (ValueError, OSError) as error:
-                    failures.append((path, str(error)))
+                    failed.append((index, path, str(error)))
                 else:
                     figures.append(figure)
                     summary.append(entry)
             progress.update(len(image_files[lo:lo + batch_size]))
-    order = {path: i for i, path in reversed(list(enumerate(image_files)))}
-    failures.sort(key=lambda failure: order[failure[0]])  # in the order given
+    failures = [(path, reason) for _, path, reason in sorted(failed)]  # in the order given
     summary += [{"file": path, "error": reason} for path, reason in failures]
     with open(os.path.join(output_dir, "explanations.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -48,7 +48,7 @@ from explain.paths import LINEAR, SCALE_SPACE, frequency_squared
 from explain.sessions import SessionFunction
 from explain.sessions import cores as _cores
 from trainer.data import tf_error_reason
-from trainer.export import num_outputs, read_explanation_metadata, read_labels
+from trainer.export import output_count, read_explanation_metadata, read_labels
 from trainer.schema import (CONCRETE_INPUT, EXPLANATION_METADATA_FILE, LABELS_FILE, SERVING_INPUT,
                             XAI_MODEL_SIGNATURE, XAI_PREPROCESS_SIGNATURE)
 
@@ -554,7 +554,7 @@ def load_explainable_model(model_dir: str, batch_size: int | None = None,
     missing = {XAI_PREPROCESS_SIGNATURE, XAI_MODEL_SIGNATURE} - set(loaded.signatures)
     if missing:
         raise ModelLoadError(f"{model_dir}: SavedModel lacks signature(s) {sorted(missing)}")
-    labels = read_labels(model_dir, num_outputs(loaded.signatures[XAI_MODEL_SIGNATURE]))
+    labels = read_labels(model_dir, output_count(loaded.signatures[XAI_MODEL_SIGNATURE]))
     model = ExplainableModel(model_dir=model_dir, labels=labels,
                              metadata=read_explanation_metadata(model_dir),
                              batch_size=batch_size or DEFAULT_BATCH_SIZE, streams=streams or 1, _loaded=loaded)

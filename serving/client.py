@@ -109,9 +109,8 @@ if __name__ == "__main__":
     import fire
 
     from explain.files import FilesNotExplained
-    from explain.model import ModelLoadError
 
     try:
         fire.Fire(main, serialize=lambda paths: "\n".join(paths))
-    except (FilesNotExplained, EndpointError, ModelLoadError, ValueError) as e:  # said plainly, no traceback
+    except (FilesNotExplained, EndpointError, ValueError) as e:  # said plainly, no traceback
         sys.exit(f"error: {e}")

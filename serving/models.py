@@ -111,9 +111,9 @@ class ServedModel:
     @property
     def labels(self) -> list[str]:
         if self._labels is None:
-            from trainer.export import num_outputs, read_labels
+            from trainer.export import output_count, read_labels
 
-            self._labels = read_labels(self.model_dir, num_outputs(self.signature()))
+            self._labels = read_labels(self.model_dir, output_count(self.signature()))
         return self._labels
 
     def predict(self, images: list[bytes]) -> np.ndarray:

@@ -71,17 +71,16 @@ def check_champion(challenger: str, champion: str, default: str, serving: Iterab
     the traffic, so a canary changes nothing); with none, the endpoint must serve nothing else.
     ``default`` equal to the challenger is this run's own deploy, retried after a kill. The Vertex
     deploy makes the same check."""
-    if champion and default not in (champion, challenger):
-        raise ChampionChangedError(
-            f"not deploying {challenger}: the serving (default) version is now {default}, not {champion} that this "
-            "run's gate compared it with; another run deployed in between. It stays uploaded, not deployed; the "
-            "next run compares against what serves")
     others = sorted(set(serving) - {challenger})
-    if not champion and others:
-        raise ChampionChangedError(
-            f"not deploying {challenger}: the endpoint now serves {', '.join(others)}, deployed after this run's "
-            "evaluation, where the gate found no serving version; another run deployed in between. It stays uploaded, not deployed; the "
-            "next run compares against what serves")
+    if champion and default not in (champion, challenger):
+        changed = f"the serving (default) version is now {default}, not {champion} that this run's gate compared it with"
+    elif not champion and others:
+        changed = (f"the endpoint now serves {', '.join(others)}, deployed after this run's evaluation, where the gate "
+                   "found no serving version")
+    else:
+        return
+    raise ChampionChangedError(f"not deploying {challenger}: {changed}; another run deployed in between. It stays "
+                               "uploaded, not deployed; the next run compares against what serves")
 
 
 class RegistryError(LookupError, ValueError):
@@ -524,8 +523,9 @@ class Registry:
         kill finishes the job instead of deploying twice.
 
         With ``champion`` (``<model>@<version>`` the gate compared against, ``""`` for none), the
-        step is refused (:class:`ChampionChangedError`) if the endpoint serves anything else: another
-        run deployed in between, and this challenger was never compared with it.
+        step is refused (:class:`ChampionChangedError`) if the champion changed since
+        (:func:`check_champion`): another run deployed in between, and this challenger was never
+        compared with what serves now.
 
         Returns ``{"endpoint", "deployed_model_id", "model", "undeployed", "reused"}``.
         """

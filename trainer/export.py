@@ -128,7 +128,7 @@ def write_labels(export_dir: str, labels: Sequence[str]) -> None:
         f.write("\n".join(labels) + "\n")
 
 
-def num_outputs(function: Any) -> int | None:
+def output_count(function: Any) -> int | None:
     """The class count of a single-output signature (its output's last dimension), if static."""
     (output,) = function.structured_outputs.values()
     return output.shape[-1]
